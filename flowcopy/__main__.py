@@ -1,0 +1,3 @@
+from flowcopy.cli import main
+
+main()
