@@ -17,3 +17,89 @@ def main() -> None:
 
 
 # ---- commands are registered below, one section per area -------------------------
+
+
+# ---- engine: run, resume, status, history, cancel ---------------------------------
+
+import json as _json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+_store_option = click.option(
+    "--store",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="State directory (journal, embedded site). Default: ./store or $FLOWCOPY_STORE.",
+)
+_site_option = click.option("--site", "site_url", default=None, help="URL of a served site (default: the embedded site in the store).")
+_token_option = click.option("--token-file", default=None, help="Bearer token file of a served site.")
+
+
+def _fail(message: str) -> None:
+    click.echo(f"flowcopy: {message}", err=True)
+    sys.exit(2)
+
+
+def _store(store: Path | None) -> Path:
+    from flowcopy.runner import default_store
+
+    return store or default_store()
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@_store_option
+@_site_option
+@_token_option
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--speed", type=float, default=1.0, show_default=True, help="Site clock speed of the embedded site.")
+@click.option("--lab", default=None, help="Lab file for a fresh embedded site (default: the seed's lab).")
+def run(file: Path, store: Path | None, site_url: str | None, token_file: str | None, as_json: bool, speed: float, lab: str | None) -> None:
+    """Run the workflow FILE once now (after resuming whatever the store left unfinished)."""
+    from flowcopy import commands
+
+    code = commands.run(file, _store(store), site_url=site_url, token_file=token_file, as_json=as_json, speed=speed, lab=lab)
+    sys.exit(code)
+
+
+@main.command()
+@_store_option
+@_site_option
+@_token_option
+@click.option("--json", "as_json", is_flag=True)
+def resume(store: Path | None, site_url: str | None, token_file: str | None, as_json: bool) -> None:
+    """Reconcile and finish every run the store left unfinished (after a crash)."""
+    from flowcopy import commands
+
+    sys.exit(commands.resume(_store(store), site_url=site_url, token_file=token_file, as_json=as_json))
+
+
+@main.command()
+@_store_option
+@click.option("--json", "as_json", is_flag=True)
+def status(store: Path | None, as_json: bool) -> None:
+    """Runs in the store and their units per state (works while an engine runs)."""
+    from flowcopy import commands
+
+    sys.exit(commands.status(_store(store), as_json=as_json))
+
+
+@main.command()
+@click.argument("run_id")
+@_store_option
+@click.option("--json", "as_json", is_flag=True)
+def history(run_id: str, store: Path | None, as_json: bool) -> None:
+    """Every journaled transition of RUN_ID's units, in order."""
+    from flowcopy import commands
+
+    sys.exit(commands.history(_store(store), run_id, as_json=as_json))
+
+
+@main.command()
+@click.argument("run_id")
+@_store_option
+def cancel(run_id: str, store: Path | None) -> None:
+    """Ask the engine running RUN_ID to cancel it (units compensate: thaw, unfreeze, withdraw)."""
+    from flowcopy import commands
+
+    sys.exit(commands.cancel(_store(store), run_id))

@@ -1,0 +1,176 @@
+"""The bodies of the engine's CLI commands: trio runs, progress views, exit codes.
+
+Kept out of `cli.py` so the CLI stays a parser; kept out of `runner.py` so the library
+has no terminal in it. Every error an admin can act on becomes one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+from rich.console import Console
+from rich.live import Live
+
+from flowcopy import logs, runner, views
+from flowcopy.engine import Engine, RunSummary
+from flowcopy.journal import Journal, JournalCorrupt, StoreLocked
+from flowcopy.site.api import SiteError
+
+EXPECTED = (StoreLocked, JournalCorrupt, SiteError, OSError)
+
+
+def _err(message: str) -> int:
+    print(f"flowcopy: {message}", file=sys.stderr)
+    return 2
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from flowcopy.definitions import DefinitionError
+
+    return (*EXPECTED, DefinitionError)
+
+
+def _format(exc: BaseException) -> str:
+    from flowcopy.definitions import DefinitionError
+
+    if isinstance(exc, DefinitionError):
+        return "\n".join(p.format() if hasattr(p, "format") else str(p) for p in exc.problems)
+    if isinstance(exc, SiteError):
+        return f"site: {exc.kind}: {exc.message}"
+    return str(exc)
+
+
+def _run_trio(fn: Callable[[], Any]) -> tuple[Any, int | None]:
+    try:
+        return trio.run(fn), None
+    except _expected_errors() as exc:
+        return None, _err(_format(exc))
+    except KeyboardInterrupt:
+        return None, _err("interrupted; `flowcopy resume` finishes what was in flight")
+
+
+def run(file: Path, store: Path, *, site_url: str | None, token_file: str | None, as_json: bool, speed: float, lab: str | None) -> int:
+    console = Console(stderr=True)
+    live_view = console.is_terminal and not as_json
+    logs.configure(json=not console.is_terminal, level="info" if not live_view else "warning")
+    state: dict[str, Any] = {}
+
+    def on_engine(engine: Engine, run_id: str | None) -> None:
+        state["engine"], state["run_id"] = engine, run_id
+
+    async def main() -> tuple[list[RunSummary], RunSummary]:
+        async with trio.open_nursery() as nursery:
+            if live_view:
+                nursery.start_soon(_live_progress, console, state, file.name)
+            result = await runner.run_file(
+                file, store=store, site_url=site_url, token_file=token_file, lab=lab, speed=speed, on_engine=on_engine
+            )
+            nursery.cancel_scope.cancel()
+            return result
+
+    result, code = _run_trio(main)
+    if code is not None:
+        return code
+    resumed, summary = result
+    out = Console()
+    if as_json:
+        print(json.dumps(summary.to_json()))
+    else:
+        for s in resumed:
+            out.print(f"resumed run {s.run_id}: {s.state}")
+        out.print(views.summary_table(summary))
+    return 0 if summary.state == "succeeded" and summary.verified else 1
+
+
+async def _live_progress(console: Console, state: dict[str, Any], title: str) -> None:
+    with Live(console=console, refresh_per_second=8, transient=False) as live:
+        while True:
+            engine: Engine | None = state.get("engine")
+            run_id = state.get("run_id")
+            if engine is not None:
+                counts = engine.progress(run_id)
+                total = sum(counts.values())
+                label = f"{title} — run {run_id}" if run_id else f"{title} — resuming"
+                if total:
+                    live.update(views.progress_table(label, counts, total))
+            await trio.sleep(0.125)
+
+
+def resume(store: Path, *, site_url: str | None, token_file: str | None, as_json: bool) -> int:
+    logs.configure(level="info")
+    result, code = _run_trio(lambda: runner.resume_store(store=store, site_url=site_url, token_file=token_file))
+    if code is not None:
+        return code
+    if as_json:
+        print(json.dumps([s.to_json() for s in result]))
+    else:
+        if not result:
+            print("nothing to resume")
+        for s in result:
+            Console().print(views.summary_table(s))
+    return 0 if all(s.state == "succeeded" for s in result) else 1
+
+
+def _read_journal(store: Path) -> Journal | int:
+    if not (store / "journal.sqlite").exists():
+        return _err(f"{store}: no journal here (nothing has run with this store)")
+    try:
+        return Journal.open(store, lock=False)
+    except (JournalCorrupt, OSError) as exc:
+        return _err(str(exc))
+
+
+def status(store: Path, *, as_json: bool) -> int:
+    journal = _read_journal(store)
+    if isinstance(journal, int):
+        return journal
+    try:
+        runs = journal.runs()
+        units = {r.run_id: journal.units(r.run_id) for r in runs}
+    finally:
+        journal.close()
+    if as_json:
+        print(json.dumps(views.status_json(runs, units)))
+    else:
+        Console().print(views.runs_table(runs, units))
+    return 0
+
+
+def history(store: Path, run_id: str, *, as_json: bool) -> int:
+    journal = _read_journal(store)
+    if isinstance(journal, int):
+        return journal
+    try:
+        known = {r.run_id for r in journal.runs()}
+        if run_id not in known:
+            return _err(f"no run {run_id!r} in {store} (runs: {', '.join(sorted(known)[-5:]) or 'none'})")
+        events = journal.events(run_id=run_id)
+    finally:
+        journal.close()
+    if as_json:
+        print(json.dumps([{"unit": e.unit_id, "seq": e.seq, "from": e.from_state, "event": e.event, "to": e.to_state, "payload": e.payload, "time": e.time} for e in events]))
+    else:
+        views.print_history(Console(), events)
+    return 0
+
+
+def cancel(store: Path, run_id: str) -> int:
+    journal = _read_journal(store)
+    if isinstance(journal, int):
+        return journal
+    try:
+        known = {r.run_id: r for r in journal.runs()}
+        if run_id not in known:
+            return _err(f"no run {run_id!r} in {store}")
+        if known[run_id].state != "running":
+            return _err(f"run {run_id} already ended: {known[run_id].state}")
+        journal.request_cancel_sync(run_id)
+    finally:
+        journal.close()
+    print(f"cancel requested for {run_id}; the engine compensates its units (thaw, unfreeze, withdraw)")
+    return 0

@@ -1,0 +1,475 @@
+"""What each stage of a unit does, written against the `Site` interface only.
+
+Every function here is a side effect on the site, shaped so the engine can journal its
+intent before calling it and its outcome after, and so that calling it again after a
+crash is safe: prepare reads only, freeze/establish are undone by `compensate` when their
+outcome is unknown, release/withdraw are idempotent (thaw of a thawed guest and withdraw
+of an absent relationship are successes). The engine decides *when*; this module decides
+*what* — it knows nothing about states or the journal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from flowcopy.site import api
+from flowcopy.site.api import (
+    CheckReport,
+    CopyMode,
+    FlashOptions,
+    QuiesceLevel,
+    RelationshipInfo,
+    Site,
+    SiteError,
+)
+
+
+class StageError(Exception):
+    """A stage cannot go on, for a reason an admin can act on (message says where and why)."""
+
+    def __init__(self, message: str, *, retryable: bool = False, kind: str = "stage_error") -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.kind = kind
+
+
+class FreezeLost(StageError):
+    """A guest's freeze ended (its own timeout) before every pair was established."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=True, kind="freeze_lost")
+
+
+# --------------------------------------------------------------------------- plans
+
+
+@attrs.frozen
+class TargetRef:
+    """Where one disk's copy goes, as the definition said it (resolved in prepare)."""
+
+    serial: str | None = None
+    vm: str | None = None
+    disk: str | None = None
+    rotate: tuple[str, ...] = ()
+    pool: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class DiskSpec:
+    vm: str
+    disk: str  # host-visible name, guest path or serial
+    target: TargetRef
+
+
+@attrs.frozen
+class UnitSpec:
+    """One consistency unit of a run, fully defaulted: what the engine journals at begin-run.
+
+    Built from a definition by `flowcopy.planning`; journaled as plain data so a resume
+    needs neither the workflow file nor the site's selectors to mean what they meant.
+    """
+
+    unit_id: str
+    kind: str  # "backup" | "restore"
+    vms: tuple[str, ...]
+    disks: tuple[DiskSpec, ...]
+    mode: str = "copy"  # copy | nocopy | incremental
+    quiesce: str = "filesystem"
+    freeze_timeout: float = 30.0
+    copy_action: str = "wait"  # wait | export | mount_check | none
+    copy_to: str | None = None  # export folder (relative to the store)
+    copy_host: str | None = None  # backup host that reads the target (export)
+    mount_vm: str | None = None  # second guest (mount_check)
+    withdraw: str = "always"  # always | keep | after_copy
+    retention: int | None = None
+    task: str | None = None  # saved array task instead of listed disks
+    restore_before: str = "poweroff"
+    max_freeze_attempts: int = 3
+    retry_max_attempts: int = 5
+    retry_initial: float = 1.0
+    retry_backoff: float = 2.0
+    retry_max_interval: float = 30.0
+    non_retryable: tuple[str, ...] = ()
+    timeouts: Mapping[str, float] = attrs.field(factory=dict)
+    group: str | None = None
+
+
+@attrs.frozen
+class Pair:
+    """A resolved source -> target pair; what establish, copy and withdraw act on."""
+
+    vm: str
+    disk: str
+    source: str
+    target: str
+    source_lss: str
+    target_lss: str
+    capacity: int
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+async def resolve_target(
+    site: Site, spec: DiskSpec, source: api.DiskInfo, run_number: int, taken: set[str]
+) -> str:
+    ref = spec.target
+    if ref.serial:
+        return ref.serial
+    if ref.vm and ref.disk:
+        return (await site.lun_of(ref.vm, ref.disk)).serial
+    if ref.rotate:
+        return ref.rotate[(run_number - 1) % len(ref.rotate)]
+    if ref.pool:
+        for serial in ref.pool:
+            if serial in taken:
+                continue
+            if not await site.query(volume=serial):
+                return serial
+        raise StageError(
+            f"{spec.vm} {spec.disk}: no free target in pool {', '.join(ref.pool)}: every volume is in a relationship",
+            retryable=True,
+            kind="pool_exhausted",
+        )
+    raise StageError(f"{spec.vm} {spec.disk}: no target given")
+
+
+async def prepare(site: Site, unit: UnitSpec, run_number: int) -> list[Pair]:
+    """Resolve every disk to a LUN pair and check the array would accept it.
+
+    Read-only, so redoing it after a crash is always safe. Errors name the VM and disk.
+    """
+    pairs: list[Pair] = []
+    taken: set[str] = set()
+    if unit.task:
+        for task in await site.list_tasks():
+            if task.name == unit.task:
+                for source, target in task.pairs:
+                    sv, tv = await site.get_volume(source), await site.get_volume(target)
+                    pairs.append(Pair(unit.vms[0] if unit.vms else "", source, source, target, sv.lss, tv.lss, sv.capacity))
+                return pairs
+        raise StageError(f"saved task {unit.task!r} is not defined on the array", kind="unknown_task")
+    for vm in unit.vms:
+        await site.get_vm(vm)  # UnknownVM with the site's message
+    for disk in unit.disks:
+        info = await site.lun_of(disk.vm, disk.disk)  # UnknownDisk / NotRawMapped
+        target = await resolve_target(site, disk, info, run_number, taken)
+        if target == info.serial:
+            raise StageError(f"{disk.vm} {disk.disk}: target {target} is the source itself", kind="bad_target")
+        if target in taken:
+            raise StageError(f"{disk.vm} {disk.disk}: target {target} is used twice in this unit", kind="bad_target")
+        taken.add(target)
+        source_vol = await site.get_volume(info.serial)
+        target_vol = await site.get_volume(target)
+        if source_vol.capacity != target_vol.capacity:
+            raise StageError(
+                f"{disk.vm} {disk.disk}: target {target} has {target_vol.capacity} bytes, "
+                f"source {info.serial} has {source_vol.capacity}: FlashCopy needs equal sizes",
+                kind="size_mismatch",
+            )
+        pairs.append(
+            Pair(disk.vm, disk.disk, info.serial, target, source_vol.lss, target_vol.lss, source_vol.capacity)
+        )
+    sources = {p.source for p in pairs}
+    for p in pairs:
+        if p.target in sources:
+            raise StageError(f"{p.vm} {p.disk}: {p.target} is both a source and a target in this unit", kind="bad_target")
+    return pairs
+
+
+# --------------------------------------------------------------------------- freeze / release
+
+
+def level_of(unit: UnitSpec) -> QuiesceLevel:
+    return QuiesceLevel(unit.quiesce)
+
+
+async def freeze(site: Site, unit: UnitSpec, limiter: trio.CapacityLimiter) -> dict[str, int]:
+    """Quiesce every VM of the unit at once; returns each VM's freeze id (journaled).
+
+    If one VM refuses, the others are thawed by the engine's compensation (it thaws all
+    VMs of the unit, idempotently), so nothing stays frozen.
+    """
+    level = level_of(unit)
+    tickets: dict[str, int] = {}
+    if level is QuiesceLevel.NONE:
+        return tickets
+
+    async def one(vm: str) -> None:
+        async with limiter:
+            ticket = await site.quiesce(vm, level, unit.freeze_timeout)
+        tickets[vm] = ticket.freeze_id
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for vm in unit.vms:
+                nursery.start_soon(one, vm)
+    except Exception:
+        # one guest refused: thaw the ones that did freeze before anyone retries or fails
+        with trio.CancelScope(shield=True):
+            for vm in tickets:
+                try:
+                    await site.thaw(vm)
+                except SiteError:
+                    pass  # the engine's compensation thaws again
+        raise
+    return tickets
+
+
+def needs_array_freeze(unit: UnitSpec, pairs: Sequence[Pair]) -> bool:
+    """An array consistency group is needed when the image spans several LUNs."""
+    return len(pairs) > 1
+
+
+def frozen_lsses(pairs: Sequence[Pair]) -> list[str]:
+    return sorted({p.source_lss for p in pairs})
+
+
+async def release(site: Site, unit: UnitSpec, pairs: Sequence[Pair]) -> None:
+    """Unfreeze the array's LSSs and thaw the guests: as soon as possible after establish."""
+    if needs_array_freeze(unit, pairs):
+        await site.unfreeze(frozen_lsses(pairs))
+    await thaw_all(site, unit)
+
+
+async def thaw_all(site: Site, unit: UnitSpec) -> list[api.ThawResult]:
+    results: list[api.ThawResult] = []
+    if level_of(unit) is QuiesceLevel.NONE and unit.kind != "restore":
+        return results
+    for vm in unit.vms:
+        results.append(await site.thaw(vm))
+        if level_of(unit) is QuiesceLevel.POWEROFF or unit.kind == "restore":
+            info = await site.get_vm(vm)
+            if info.power is api.PowerState.OFF:
+                await site.power_on(vm)
+    return results
+
+
+async def freeze_problems(
+    site: Site, unit: UnitSpec, freezes: Mapping[str, int], established_at: float
+) -> list[str]:
+    """Why the guests' freezes did not cover the establish (empty: they did).
+
+    A freeze covers it when it is the freeze we took (same id) and it was still held at
+    the moment the last pair was established.
+    """
+    problems: list[str] = []
+    for vm, freeze_id in freezes.items():
+        status = await site.freeze_status(vm)
+        if status.freeze_id != freeze_id:
+            problems.append(f"{vm}: freeze {freeze_id} was replaced by freeze {status.freeze_id}")
+            continue
+        if status.frozen or (status.thawed_at is not None and status.thawed_at >= established_at):
+            continue
+        how = "the guest's own timeout" if status.lost else "a thaw"
+        problems.append(
+            f"{vm}: freeze {freeze_id} ended by {how} at {status.thawed_at}s, before the establish "
+            f"completed at {established_at:.3f}s (freeze_timeout {unit.freeze_timeout:g}s)"
+        )
+    return problems
+
+
+# --------------------------------------------------------------------------- establish
+
+
+def flash_options(unit: UnitSpec, pairs: Sequence[Pair], tag: str) -> FlashOptions:
+    incremental = unit.mode == "incremental"
+    return FlashOptions(
+        mode=CopyMode.NOCOPY if unit.mode == "nocopy" else CopyMode.COPY,
+        record=incremental,
+        persistent=incremental,
+        freeze=needs_array_freeze(unit, pairs),
+        tag=tag,
+    )
+
+
+async def ours(site: Site, tag: str) -> dict[tuple[str, str], RelationshipInfo]:
+    return {(r.source, r.target): r for r in await site.query(tag=tag)}
+
+
+async def establish(site: Site, unit: UnitSpec, pairs: Sequence[Pair], tag: str) -> float:
+    """Establish every pair (skipping those already ours); returns the site time of the last.
+
+    Incremental pairs with a recording relationship from an earlier run are resynced
+    (only changed tracks move) instead of established anew.
+    """
+    options = flash_options(unit, pairs, tag)
+    present = await ours(site, tag)
+    last = await site.now()
+    for pair in pairs:
+        if (pair.source, pair.target) in present:
+            last = max(last, present[(pair.source, pair.target)].synced)
+            continue
+        if unit.mode == "incremental":
+            existing = [r for r in await site.query(volume=pair.source) if r.target == pair.target]
+            if existing and existing[0].recording:
+                info = await site.resync(pair.source, pair.target, freeze=options.freeze, tag=tag)
+                last = max(last, info.synced)
+                continue
+        info = await site.establish(pair.source, pair.target, options)
+        last = max(last, info.created)
+    return last
+
+
+async def restore_reverse(site: Site, pairs: Sequence[Pair], tag: str) -> float:
+    """Reverse restore: each (source, target) pair copies target -> source."""
+    last = await site.now()
+    present = await ours(site, tag)
+    for pair in pairs:
+        rels = [r for r in await site.query(volume=pair.source) if {r.source, r.target} == {pair.source, pair.target}]
+        if (pair.target, pair.source) in present:
+            continue
+        if not rels:
+            raise StageError(
+                f"{pair.vm} {pair.disk}: no incremental relationship {pair.source} -> {pair.target} to restore from",
+                kind="not_incremental",
+            )
+        info = await site.reverse(rels[0].source, rels[0].target, tag=tag)
+        last = max(last, info.synced)
+    return last
+
+
+# --------------------------------------------------------------------------- copy
+
+
+async def wait_copied(site: Site, pairs: Sequence[Pair], tag: str, poll: float = 1.0) -> None:
+    """Wait until no relationship of ours still has out-of-sync tracks (dissolved counts)."""
+    while True:
+        pending = [r for r in await site.query(tag=tag) if r.out_of_sync_tracks > 0 and r.mode is CopyMode.COPY]
+        if not pending:
+            return
+        await trio.sleep(poll)
+
+
+async def verify(site: Site, unit: UnitSpec, pairs: Sequence[Pair], image_of_source: bool = False) -> CheckReport:
+    serials = [p.source if image_of_source else p.target for p in pairs]
+    return await site.check(serials)
+
+
+async def export(site: Site, pairs: Sequence[Pair], folder: Path, chunk: int = 4 << 20) -> list[dict[str, Any]]:
+    """Copy each target image through the backup host into `folder` as a sparse file + sha256.
+
+    Written to a temporary name and renamed, so an export is either whole or absent.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    out: list[dict[str, Any]] = []
+    for pair in pairs:
+        path = folder / f"{pair.source}-{pair.target}.img"
+        tmp = path.with_suffix(".img.part")
+        digest = hashlib.sha256()
+        extents = await site.extents(pair.target)
+        position = 0
+        with open(tmp, "wb") as f:
+            f.truncate(pair.capacity)
+            for extent in extents:
+                end = extent.offset + extent.length
+                offset = extent.offset
+                if offset > position:
+                    _hash_zeros(digest, offset - position)
+                while offset < end:
+                    n = min(chunk, end - offset)
+                    data = await site.read(pair.target, offset, n)
+                    f.seek(offset)
+                    f.write(data)
+                    digest.update(data)
+                    offset += n
+                position = end
+            if pair.capacity > position:
+                _hash_zeros(digest, pair.capacity - position)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        path.with_suffix(".img.sha256").write_text(f"{digest.hexdigest()}  {path.name}\n")
+        out.append({"path": str(path), "sha256": digest.hexdigest(), "bytes": pair.capacity})
+    return out
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def _hash_zeros(digest: Any, n: int) -> None:
+    while n > 0:
+        k = min(n, len(_ZEROS))
+        digest.update(_ZEROS[:k] if k < len(_ZEROS) else _ZEROS)
+        n -= k
+
+
+def check_exported(paths: Sequence[str]) -> CheckReport:
+    """Run the independent checker on exported files, so an export is verified as stored."""
+    from flowcopy.site import checker
+
+    files = [open(p, "rb") for p in paths]  # noqa: SIM115 - closed below
+    try:
+        by_serial = {Path(p).name.split("-")[1].split(".")[0]: f for p, f in zip(paths, files)}
+
+        def read(serial: str, offset: int, length: int) -> bytes:
+            f = by_serial[serial]
+            f.seek(offset)
+            data = f.read(length)
+            return data + bytes(length - len(data))
+
+        return checker.check_images(read, list(by_serial))
+    finally:
+        for f in files:
+            f.close()
+
+
+def apply_retention(folder: Path, keep: int | None) -> list[Path]:
+    """Delete the oldest run folders beyond `keep`; returns what was deleted."""
+    if not keep or not folder.parent.exists():
+        return []
+    runs = sorted((p for p in folder.parent.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    doomed = runs[: max(0, len(runs) - keep)]
+    for run in doomed:
+        for f in run.iterdir():
+            f.unlink()
+        run.rmdir()
+    return doomed
+
+
+# --------------------------------------------------------------------------- withdraw / compensate
+
+
+async def withdraw_pairs(site: Site, pairs: Sequence[Pair], *, after_copy: bool = False) -> int:
+    """Withdraw each pair; an absent relationship counts as withdrawn. Returns how many existed."""
+    n = 0
+    for pair in pairs:
+        for source, target in ((pair.source, pair.target), (pair.target, pair.source)):
+            try:
+                await site.withdraw(source, target, after_copy=after_copy)
+                n += 1
+            except api.RelationshipNotFound:
+                pass
+    return n
+
+
+async def withdraw_tagged(site: Site, tag: str) -> int:
+    """Withdraw every relationship carrying this unit's tag — the journal knows the tag, so
+    even a relationship whose establish outcome was never journaled is found again."""
+    n = 0
+    for rel in await site.query(tag=tag):
+        try:
+            await site.withdraw(rel.source, rel.target)
+            n += 1
+        except api.RelationshipNotFound:
+            pass
+    return n
+
+
+async def unfreeze_quietly(site: Site, pairs: Sequence[Pair]) -> None:
+    lsses = frozen_lsses(pairs)
+    if lsses:
+        await site.unfreeze(lsses)
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, SiteError):
+        return f"{exc.kind}: {exc.message}"
+    return str(exc) or type(exc).__name__
