@@ -103,3 +103,37 @@ def cancel(run_id: str, store: Path | None) -> None:
     from flowcopy import commands
 
     sys.exit(commands.cancel(_store(store), run_id))
+
+
+# ---- definitions: validate, schema ------------------------------------------------
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True)
+def validate(files: tuple[str, ...]) -> None:
+    """Check definition FILEs (folders: their *.yaml); exit 2 listing every problem."""
+    from flowcopy.definitions import DefinitionError, definition_files, load_definition
+
+    failed = False
+    paths = definition_files(files)
+    if not paths:
+        _fail("no definition files found in " + ", ".join(files))
+    for path in paths:
+        try:
+            workflow = load_definition(path)
+        except DefinitionError as exc:
+            failed = True
+            for problem in exc.problems:
+                click.echo(str(problem), err=True)
+        else:
+            count = len(workflow.units)
+            click.echo(f"ok: {path} ({count} unit{'s' if count != 1 else ''})")
+    sys.exit(2 if failed else 0)
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema (draft 2020-12) of definition files, for editors."""
+    from flowcopy.definition_schema import json_schema
+
+    click.echo(_json.dumps(json_schema(), indent=2))
