@@ -1,0 +1,497 @@
+"""The site served over HTTP: an ASGI app (starlette) on hypercorn's trio worker.
+
+One trio run holds the site model, its workloads and the HTTP server, so a request
+handler calls the same `Site` the in-process engine would, and the array's own timers
+(background copy, ELB timeouts, guests' self-thaw) run beside it. `build_app` is
+independent of where the site comes from; `serve_state` is the `flowcopy site serve`
+process: durable state folder, fault plan, bearer token, signals.
+
+The API lives under `/api/v1/`; JSON in and out through `codec.converter` (the client
+uses the same one), volume data as `application/octet-stream`. Errors are JSON
+`{"kind", "message", "details"}` with the `api` error's stable kind, and an HTTP status
+a generic client can act on (404 unknown object, 409 conflict with the object's state,
+422 request that cannot apply, 400 malformed, 401 token, 503 retry later).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+import attrs
+import trio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from flowcopy.logs import get_logger
+from flowcopy.site import api, codec
+from flowcopy.site.client import read_token
+from flowcopy.site.faults import FaultPlan, FaultySite
+
+log = get_logger(__name__)
+
+API = "/api/v1"
+MAX_BODY = 256 * 1024 * 1024  # a write of up to 256 MiB in one request
+
+STATUS_BY_KIND: Mapping[str, int] = {
+    "unknown_volume": 404,
+    "unknown_host": 404,
+    "unknown_vm": 404,
+    "unknown_disk": 404,
+    "unknown_task": 404,
+    "relationship_not_found": 404,
+    "target_in_relationship": 409,
+    "too_many_targets": 409,
+    "cascade_refused": 409,
+    "second_incremental": 409,
+    "not_incremental": 409,
+    "relationship_exists": 409,
+    "write_inhibited": 409,
+    "guest_state": 409,
+    "background_copy_running": 409,
+    "size_mismatch": 422,
+    "not_raw_mapped": 422,
+    "out_of_range": 422,
+    "bad_request": 400,
+    "unauthorized": 401,
+    "volume_offline": 503,
+    "lss_busy": 503,
+    "guest_not_responding": 503,
+    "site_unavailable": 503,
+    "injected_fault": 503,
+    "injected_fault_permanent": 500,
+    "site_error": 500,
+}
+
+
+def status_for(error: api.SiteError) -> int:
+    return STATUS_BY_KIND.get(error.kind, 503 if error.transient else 500)
+
+
+def error_response(error: api.SiteError) -> Response:
+    return Response(
+        json.dumps(_jsonable(error.to_dict()), separators=(",", ":")),
+        status_code=status_for(error),
+        media_type="application/json",
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    """Error details are free-form; make sure they survive json.dumps."""
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return json.loads(json.dumps(value, default=str))
+
+
+# --------------------------------------------------------------------------- request parsing
+
+
+async def _body(request: Request, cls: type[Any]) -> Any:
+    raw = await request.body()
+    if not raw:
+        data: Any = {}
+    else:
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise api.BadRequest(f"bad request body: not JSON ({exc})") from None
+    return codec.structure(data, cls)
+
+
+def _int_param(request: Request, name: str, *, minimum: int = 0) -> int:
+    value = request.query_params.get(name)
+    if value is None:
+        raise api.BadRequest(f"query parameter {name!r} is required")
+    try:
+        number = int(value)
+    except ValueError:
+        raise api.BadRequest(f"query parameter {name!r} must be an integer, not {value!r}") from None
+    if number < minimum:
+        raise api.BadRequest(f"query parameter {name!r} must be >= {minimum}, not {number}")
+    return number
+
+
+def _bool_param(request: Request, name: str) -> bool:
+    value = request.query_params.get(name, "false").lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("0", "false", "no", ""):
+        return False
+    raise api.BadRequest(f"query parameter {name!r} must be true or false, not {value!r}")
+
+
+def _pair(request: Request) -> tuple[str, str]:
+    pair = request.path_params["pair"]
+    source, sep, target = pair.partition(":")
+    if not sep or not source or not target or ":" in target:
+        raise api.BadRequest(f"a FlashCopy relationship is named SOURCE:TARGET, not {pair!r}")
+    return source, target
+
+
+def _labels(request: Request) -> dict[str, str] | None:
+    values = request.query_params.getlist("label")
+    if not values:
+        return None
+    labels: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise api.BadRequest(f"label selector must be KEY=VALUE, not {item!r}")
+        labels[key] = value
+    return labels
+
+
+# --------------------------------------------------------------------------- the app
+
+Handler = Callable[[Request], Awaitable[Any]]
+
+
+def build_app(site: api.Site, *, token: str, faults: FaultySite | None = None) -> Callable[..., Awaitable[None]]:
+    """The ASGI app serving `site`, guarded by the bearer `token`.
+
+    `faults` (usually `site` itself) makes `/api/v1/faults` steer its fault plan.
+    """
+
+    def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def run(request: Request) -> Response:
+            try:
+                result = await handler(request)
+            except api.SiteError as exc:
+                return error_response(exc)
+            except Exception as exc:  # noqa: BLE001 - a bug in the site must not look like a lost connection
+                log.exception("site request failed", method=request.method, path=request.url.path)
+                return error_response(api.SiteError(f"internal error in the site: {exc!r}"))
+            if isinstance(result, Response):
+                return result
+            return Response(codec.dumps(result), media_type="application/json")
+
+        return run
+
+    async def time_(request: Request) -> Any:
+        return {"now": await site.now()}
+
+    async def volumes(request: Request) -> Any:
+        return await site.list_volumes()
+
+    async def volume(request: Request) -> Any:
+        return await site.get_volume(request.path_params["serial"])
+
+    async def read(request: Request) -> Any:
+        data = await site.read(
+            request.path_params["serial"], _int_param(request, "offset"), _int_param(request, "length")
+        )
+        return Response(data, media_type="application/octet-stream")
+
+    async def write(request: Request) -> Any:
+        offset = _int_param(request, "offset")
+        data = await request.body()
+        await site.write(request.path_params["serial"], offset, data)
+        return {"written": len(data)}
+
+    async def extents(request: Request) -> Any:
+        return await site.extents(request.path_params["serial"])
+
+    async def flashcopies(request: Request) -> Any:
+        if request.method == "GET":
+            return await site.query(
+                volume=request.query_params.get("volume"), tag=request.query_params.get("tag")
+            )
+        body = await _body(request, codec.EstablishRequest)
+        return await site.establish(body.source, body.target, body.options)
+
+    async def flashcopy(request: Request) -> Any:
+        source, target = _pair(request)
+        if request.method == "GET":
+            found = [r for r in await site.query(volume=source) if r.source == source and r.target == target]
+            if not found:
+                raise api.RelationshipNotFound(
+                    f"no FlashCopy relationship {source} -> {target}", source=source, target=target
+                )
+            return found[0]
+        await site.withdraw(source, target, after_copy=_bool_param(request, "after_copy"))
+        return {"withdrawn": f"{source}:{target}"}
+
+    async def resync(request: Request) -> Any:
+        source, target = _pair(request)
+        body = await _body(request, codec.ResyncRequest)
+        return await site.resync(source, target, freeze=body.freeze, tag=body.tag)
+
+    async def reverse(request: Request) -> Any:
+        source, target = _pair(request)
+        body = await _body(request, codec.ReverseRequest)
+        return await site.reverse(source, target, tag=body.tag)
+
+    async def consistency_groups(request: Request) -> Any:
+        return await site.frozen_lsses()
+
+    async def unfreeze(request: Request) -> Any:
+        body = await _body(request, codec.UnfreezeRequest)
+        return await site.unfreeze(list(body.lsses))
+
+    async def unfreeze_one(request: Request) -> Any:
+        await _body(request, _Empty)
+        return await site.unfreeze([request.path_params["lss"]])
+
+    async def tasks(request: Request) -> Any:
+        if request.method == "GET":
+            return await site.list_tasks()
+        task = await _body(request, api.SavedTask)
+        await site.save_task(task)
+        return task
+
+    async def execute_task(request: Request) -> Any:
+        body = await _body(request, codec.ExecuteTaskRequest)
+        return await site.execute_task(request.path_params["name"], tag=body.tag)
+
+    async def hosts(request: Request) -> Any:
+        return await site.list_hosts()
+
+    async def host_disks(request: Request) -> Any:
+        return await site.list_disks(request.path_params["host"])
+
+    async def prime(request: Request) -> Any:
+        await _body(request, _Empty)
+        return await site.prime(request.path_params["host"])
+
+    async def vms(request: Request) -> Any:
+        return await site.list_vms(_labels(request))
+
+    async def vm(request: Request) -> Any:
+        return await site.get_vm(request.path_params["vm"])
+
+    async def lun(request: Request) -> Any:
+        disk = request.query_params.get("disk")
+        if not disk:
+            raise api.BadRequest("query parameter 'disk' is required (a disk name, guest path or serial)")
+        return await site.lun_of(request.path_params["vm"], disk)
+
+    async def quiesce(request: Request) -> Any:
+        body = await _body(request, codec.QuiesceRequest)
+        return await site.quiesce(request.path_params["vm"], body.level, body.timeout)
+
+    async def thaw(request: Request) -> Any:
+        await _body(request, _Empty)
+        return await site.thaw(request.path_params["vm"])
+
+    async def freeze_status(request: Request) -> Any:
+        return await site.freeze_status(request.path_params["vm"])
+
+    def power(operation: str) -> Handler:
+        async def handler(request: Request) -> Any:
+            await _body(request, _Empty)
+            await getattr(site, operation)(request.path_params["vm"])
+            return await site.get_vm(request.path_params["vm"])
+
+        return handler
+
+    async def check(request: Request) -> Any:
+        body = await _body(request, codec.CheckRequest)
+        return await site.check(list(body.serials))
+
+    async def mount_check(request: Request) -> Any:
+        body = await _body(request, codec.MountCheckRequest)
+        return await site.mount_check(request.path_params["vm"], list(body.disks))
+
+    async def faults_(request: Request) -> Any:
+        if faults is None:
+            raise api.BadRequest("this site has no fault injection")
+        if request.method == "POST":
+            raw = await request.body()
+            try:
+                data = json.loads(raw) if raw else {}
+            except ValueError as exc:
+                raise api.BadRequest(f"bad request body: not JSON ({exc})") from None
+            plan = codec.structure(data, FaultPlan).validate()
+            if _bool_param(request, "absolute"):
+                faults.set_plan(plan)
+            else:
+                await faults.set_plan_relative(plan)
+        elif request.method == "DELETE":
+            faults.clear()
+        return {"plan": codec.unstructure(faults.plan), "injected": dict(faults.injected)}
+
+    r = API
+    routes = [
+        Route(f"{r}/time", endpoint(time_), methods=["GET"]),
+        Route(f"{r}/volumes", endpoint(volumes), methods=["GET"]),
+        Route(f"{r}/volumes/{{serial}}", endpoint(volume), methods=["GET"]),
+        Route(f"{r}/volumes/{{serial}}/data", endpoint(read), methods=["GET"]),
+        Route(f"{r}/volumes/{{serial}}/data", endpoint(write), methods=["PUT", "POST"]),
+        Route(f"{r}/volumes/{{serial}}/extents", endpoint(extents), methods=["GET"]),
+        Route(f"{r}/flashcopies", endpoint(flashcopies), methods=["GET", "POST"]),
+        Route(f"{r}/flashcopies/{{pair}}", endpoint(flashcopy), methods=["GET", "DELETE"]),
+        Route(f"{r}/flashcopies/{{pair}}/resync", endpoint(resync), methods=["POST"]),
+        Route(f"{r}/flashcopies/{{pair}}/reverse", endpoint(reverse), methods=["POST"]),
+        Route(f"{r}/consistency-groups", endpoint(consistency_groups), methods=["GET"]),
+        Route(f"{r}/consistency-groups/unfreeze", endpoint(unfreeze), methods=["POST"]),
+        Route(f"{r}/consistency-groups/{{lss}}/unfreeze", endpoint(unfreeze_one), methods=["POST"]),
+        Route(f"{r}/tasks", endpoint(tasks), methods=["GET", "POST"]),
+        Route(f"{r}/tasks/{{name}}/execute", endpoint(execute_task), methods=["POST"]),
+        Route(f"{r}/hosts", endpoint(hosts), methods=["GET"]),
+        Route(f"{r}/hosts/{{host}}/disks", endpoint(host_disks), methods=["GET"]),
+        Route(f"{r}/hosts/{{host}}/prime", endpoint(prime), methods=["POST"]),
+        Route(f"{r}/vms", endpoint(vms), methods=["GET"]),
+        Route(f"{r}/vms/{{vm}}", endpoint(vm), methods=["GET"]),
+        Route(f"{r}/vms/{{vm}}/lun", endpoint(lun), methods=["GET"]),
+        Route(f"{r}/vms/{{vm}}/quiesce", endpoint(quiesce), methods=["POST"]),
+        Route(f"{r}/vms/{{vm}}/thaw", endpoint(thaw), methods=["POST"]),
+        Route(f"{r}/vms/{{vm}}/freeze", endpoint(freeze_status), methods=["GET"]),
+        Route(f"{r}/vms/{{vm}}/power-on", endpoint(power("power_on")), methods=["POST"]),
+        Route(f"{r}/vms/{{vm}}/power-off", endpoint(power("power_off")), methods=["POST"]),
+        Route(f"{r}/vms/{{vm}}/reboot", endpoint(power("reboot")), methods=["POST"]),
+        Route(f"{r}/vms/{{vm}}/mount-check", endpoint(mount_check), methods=["POST"]),
+        Route(f"{r}/check", endpoint(check), methods=["POST"]),
+        Route(f"{r}/faults", endpoint(faults_), methods=["GET", "POST", "DELETE"]),
+    ]
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        what = "method not allowed on" if status == 405 else "no such endpoint"
+        return Response(
+            json.dumps({"kind": "bad_request", "message": f"{what}: {request.method} {request.url.path}", "details": {}}),
+            status_code=status,
+            media_type="application/json",
+        )
+
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found}, max_body_size=MAX_BODY)
+    return BearerAuth(app, token)
+
+
+@attrs.frozen
+class _Empty:
+    """A body that must be empty or `{}` (so a typo'd option is not silently ignored)."""
+
+
+class BearerAuth:
+    """Pure ASGI guard: every HTTP request carries `Authorization: Bearer <token>` or gets 401."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], token: str) -> None:
+        if not token:
+            raise ValueError("the site's bearer token must not be empty")
+        self.app = app
+        self._expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            header = b""
+            for key, value in scope["headers"]:
+                if key == b"authorization":
+                    header = value
+                    break
+            if not hmac.compare_digest(header, self._expected):
+                message = "missing bearer token" if not header else "wrong bearer token"
+                response = JSONResponse(
+                    {"kind": "unauthorized", "message": message, "details": {}},
+                    status_code=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="flowcopy-site"'},
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# --------------------------------------------------------------------------- serving
+
+
+def hypercorn_config(host: str, port: int) -> Any:
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.loglevel = "WARNING"
+    config.graceful_timeout = 2.0
+    config.keep_alive_timeout = 75.0  # engine clients keep their connections between units
+    return config
+
+
+async def serve_app(
+    app: Callable[..., Awaitable[None]],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    shutdown: trio.Event | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `app` until `shutdown` is set (or cancelled); `task_status.started(url)`."""
+    from hypercorn.trio import serve
+
+    config = hypercorn_config(host, port)
+    trigger = shutdown.wait if shutdown is not None else None
+
+    class _Status:
+        def started(self, binds: list[str] | None = None) -> None:
+            url = (binds or ["http://?"])[0]
+            task_status.started(url)
+
+    await serve(app, config, shutdown_trigger=trigger, task_status=_Status())  # type: ignore[arg-type]
+
+
+def ensure_token(state_dir: Path, token_file: str | Path | None) -> tuple[str, Path, bool]:
+    """The token to require: from `token_file`, else STATE/token (created 0600 if absent)."""
+    if token_file is not None:
+        return read_token(token_file), Path(token_file), False
+    path = state_dir / "token"
+    if path.exists():
+        return read_token(path), path, False
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token, path, True
+
+
+async def serve_state(
+    state_dir: Path,
+    *,
+    lab: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token_file: str | Path | None = None,
+    speed: float = 1.0,
+    out: TextIO | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """`flowcopy site serve`: the durable site in `state_dir`, served until SIGTERM/SIGINT."""
+    from flowcopy.site.persist import open_site
+
+    out = out if out is not None else sys.stdout
+    state_dir.mkdir(parents=True, exist_ok=True)
+    token, token_path, created = ensure_token(state_dir, token_file)
+    async with open_site(state_dir, lab=lab, speed=speed, clock="wall") as site:
+        app = build_app(site, token=token, faults=site.faults)
+        shutdown = trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def server(task_status: trio.TaskStatus[str]) -> None:
+                await serve_app(app, host=host, port=port, shutdown=shutdown, task_status=task_status)
+                nursery.cancel_scope.cancel()  # served out: stop the signal watcher too
+
+            url = await nursery.start(server)
+            if created:
+                print(f"flowcopy site: generated a bearer token in {token_path} (mode 0600)", file=out)
+            print(f"flowcopy site listening on {url} (state {state_dir})", file=out, flush=True)
+            log.info("site listening", url=url, state=str(state_dir), speed=speed)
+            task_status.started(url)
+            nursery.start_soon(_stop_on_signal, shutdown)
+            # on a signal hypercorn finishes in-flight requests (graceful_timeout) and returns;
+            # leaving open_site then commits and snapshots the state
+        log.info("site stopped", state=str(state_dir))
+
+
+async def _stop_on_signal(shutdown: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            shutdown.set()
+            return
