@@ -258,8 +258,8 @@ class Farm:
                 path = disk.guest_path.rstrip("\\").upper() if len(disk.guest_path) <= 3 else disk.guest_path
                 if path == norm:
                     return disk
-        for disk in machine.disks:
-            if disk.serial == ref and disk.kind is DiskKind.RDM:
+        for disk in sorted(machine.disks, key=lambda d: d.kind is not DiskKind.RDM):
+            if disk.serial == ref:  # an RDM first; a VMFS serial names the VM's disk on it
                 return disk
         names = ", ".join(
             f"{d.name}" + (f" ({d.guest_path})" if d.guest_path else "") + f" = {d.serial}" for d in machine.disks
@@ -328,9 +328,7 @@ class Farm:
         return [self.host_info(name) for name in sorted(self.hosts)]
 
     def vm_info(self, name: str, *, now: float | None = None) -> VMInfo:
-        machine = self._vm(name)
-        if now is not None:
-            self._settle(machine, now)
+        machine = self._effective(self._vm(name), now)
         return VMInfo(
             name=machine.name,
             host=machine.host,
@@ -355,10 +353,20 @@ class Farm:
 
     # ------------------------------------------------------------------ guests
 
-    def _settle(self, machine: VM, now: float) -> None:
-        """End a freeze whose deadline has passed, as the guest did at the deadline."""
+    @staticmethod
+    def _expired(machine: VM, now: float) -> bool:
         freeze = machine.freeze
-        if freeze is not None and freeze.thawed_at is None and now >= freeze.deadline:
+        return freeze is not None and freeze.thawed_at is None and now >= freeze.deadline
+
+    def _settle(self, machine: VM, now: float) -> None:
+        """End a freeze whose deadline has passed, as the guest did at the deadline.
+
+        Only mutating calls settle (and they are logged with their `now`), so a replayed
+        farm and the original hold the same state; reads use `_effective` instead.
+        """
+        if self._expired(machine, now):
+            freeze = machine.freeze
+            assert freeze is not None
             freeze.thawed_at = freeze.deadline
             freeze.lost = True
             if freeze.level is QuiesceLevel.POWEROFF and freeze.was_on:
@@ -368,9 +376,17 @@ class Farm:
                 machine.boots += 1
                 machine.seen_at = freeze.deadline
 
-    def settle(self, *, now: float) -> None:
-        for machine in self.vms.values():
-            self._settle(machine, now)
+    def _effective(self, machine: VM, now: float | None) -> VM:
+        """The VM as it is at `now` (a settled copy if a self-thaw is due), without mutating."""
+        if now is None or not self._expired(machine, now):
+            return machine
+        view = attrs.evolve(machine, freeze=attrs.evolve(machine.freeze))  # type: ignore[arg-type]
+        self._settle(view, now)
+        return view
+
+    def state(self, vm: str, *, now: float) -> VM:
+        """A read-only view of a VM's state at `now` (freeze, power, boots). Do not mutate it."""
+        return self._effective(self._vm(vm), now)
 
     def next_deadline(self, *, now: float) -> float | None:
         """The earliest pending guest self-thaw, so a shell can wake waiters then."""
@@ -451,8 +467,7 @@ class Farm:
         )
 
     def freeze_status(self, vm: str, *, now: float) -> FreezeStatus:
-        machine = self._vm(vm)
-        self._settle(machine, now)
+        machine = self._effective(self._vm(vm), now)
         freeze = machine.freeze
         if freeze is None:
             return FreezeStatus(
@@ -477,8 +492,7 @@ class Farm:
         Returns None when writes may go, else the deadline after which the guest stops
         holding them by itself (`inf` when only a power-on can release them).
         """
-        machine = self._vm(vm)
-        self._settle(machine, now)
+        machine = self._effective(self._vm(vm), now)
         if machine.power is PowerState.OFF:
             if machine.frozen:
                 return machine.freeze.deadline  # type: ignore[union-attr]

@@ -93,8 +93,7 @@ class _Guest:
     async def mid_transaction(self) -> None:
         """A frozen file system holds the next write even inside a transaction."""
         site = self.site
-        machine = site.farm.vm(self.vm)
-        site.farm.settle(now=site.clock())
+        machine = site.farm.state(self.vm, now=site.clock())
         if machine.frozen and machine.freeze.level is QuiesceLevel.FILESYSTEM:  # type: ignore[union-attr]
             site._inflight[self.vm] -= 1
             site._changed()
@@ -313,7 +312,7 @@ class LocalSite:
                     await self._guest_ready(vm)
                     if runner.stopping:
                         break
-                    machine = self.farm.vm(vm)
+                    machine = self.farm.state(vm, now=self.clock())
                     if boots != machine.boots:
                         # first start, or the guest rebooted: the application re-reads its disks
                         boots = machine.boots
@@ -419,7 +418,7 @@ class LocalSite:
         return self.farm.freeze_status(vm, now=self.clock())
 
     async def power_on(self, vm: str) -> None:
-        machine = self.farm.vm(vm)
+        machine = self.farm.state(vm, now=self.clock())
         if machine.power is PowerState.ON:
             await trio.lowlevel.checkpoint()
             return
@@ -428,7 +427,7 @@ class LocalSite:
 
     async def power_off(self, vm: str) -> None:
         """Clean shutdown: no new application writes, in-flight ones finish, then off."""
-        machine = self.farm.vm(vm)
+        machine = self.farm.state(vm, now=self.clock())
         if machine.power is PowerState.OFF:
             await trio.lowlevel.checkpoint()
             return
@@ -438,8 +437,7 @@ class LocalSite:
 
     async def reboot(self, vm: str) -> None:
         """Shutdown and boot: the guest is down for `latency.reboot` and re-reads its disks."""
-        machine = self.farm.vm(vm)
-        self.farm.settle(now=self.clock())
+        machine = self.farm.state(vm, now=self.clock())
         if machine.power is PowerState.OFF:
             raise GuestStateError(f"VM {vm} is powered off; power it on instead of rebooting", vm=vm)
         if machine.frozen:
@@ -534,7 +532,7 @@ class LocalSite:
         else:
             if vm not in self.farm.vms:
                 raise UnknownVM(f"no VM or backup host {vm!r} in the farm", vm=vm)
-            machine = self.farm.vm(vm)
+            machine = self.farm.state(vm, now=self.clock())
             if machine.power is PowerState.OFF:
                 raise GuestStateError(f"VM {vm} is powered off: it cannot mount {', '.join(disks)}", vm=vm)
             serials = []
