@@ -137,3 +137,10 @@ def schema() -> None:
     from flowcopy.definition_schema import json_schema
 
     click.echo(_json.dumps(json_schema(), indent=2))
+
+
+# ---- site: serve the site model over HTTP, and the array admin's commands ----------
+
+from flowcopy.site.admin import site_group  # noqa: E402
+
+main.add_command(site_group)

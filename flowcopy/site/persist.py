@@ -29,6 +29,7 @@ import math
 import os
 import sqlite3
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -54,14 +55,15 @@ CREATE TABLE IF NOT EXISTS snapshot (
     upto INTEGER NOT NULL,      -- the last log seq the snapshot includes
     site_time REAL NOT NULL,
     taken_at REAL NOT NULL,     -- wall time, for humans
-    state TEXT NOT NULL         -- codec.dump_plain of the site's to_state()
+    state BLOB NOT NULL         -- zlib(codec.dump_plain(the site's to_state()))
 );
 CREATE TABLE IF NOT EXISTS log (
     seq INTEGER PRIMARY KEY,
     site_time REAL NOT NULL,
     component TEXT NOT NULL,
     method TEXT NOT NULL,
-    kwargs TEXT NOT NULL        -- codec.dump_plain of the call's keyword arguments
+    kwargs BLOB NOT NULL        -- codec.dump_plain of the call's keyword arguments (TEXT),
+                                -- or zlib of it (BLOB) when long: guest writes are padded blocks
 );
 """
 
@@ -154,6 +156,8 @@ class StateStore:
         self.path = path
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            # before the first table: lets a compaction hand freed pages back to the file system
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
@@ -174,20 +178,24 @@ class StateStore:
                 )
             row = self._db.execute("SELECT upto, site_time, state FROM snapshot WHERE id = 1").fetchone()
             records = [
-                (seq, t, component, method, codec.load_plain(kwargs))
+                (seq, t, component, method, codec.load_plain(_unpack(kwargs)))
                 for seq, t, component, method, kwargs in self._db.execute(
                     "SELECT seq, site_time, component, method, kwargs FROM log ORDER BY seq"
                 )
             ]
-        except (sqlite3.Error, ValueError, TypeError) as exc:
+        except (sqlite3.Error, zlib.error, ValueError, TypeError) as exc:
             raise StateError(f"{self.path}: the site state is unreadable: {exc}") from None
         if row is None:
             return Loaded(meta, None, 0, 0.0, records)
-        return Loaded(meta, codec.load_plain(row[2]), row[0], row[1], records)
+        try:
+            state = codec.load_plain(_unpack(row[2]))
+        except (zlib.error, ValueError, TypeError) as exc:
+            raise StateError(f"{self.path}: the site snapshot is unreadable: {exc}") from None
+        return Loaded(meta, state, row[0], row[1], records)
 
     def commit(
         self,
-        records: list[tuple[int, float, str, str, str]],
+        records: list[tuple[int, float, str, str, str | bytes]],
         *,
         snapshot: tuple[int, float, Any] | None = None,
         meta: dict[str, Any] | None = None,
@@ -197,7 +205,9 @@ class StateStore:
         The snapshot's state is plain data (`to_state()` builds fresh containers of
         immutable values), encoded here, in the writer's thread, not in the trio loop.
         """
-        encoded = None if snapshot is None else (snapshot[0], snapshot[1], codec.dump_plain(snapshot[2]))
+        encoded = None
+        if snapshot is not None:
+            encoded = (snapshot[0], snapshot[1], zlib.compress(codec.dump_plain(snapshot[2]).encode(), 1))
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -224,8 +234,24 @@ class StateStore:
             raise
 
     def checkpoint(self) -> None:
-        """Fold the WAL into the main file (after a compaction, so the folder stays small)."""
+        """Fold the WAL into the main file and free the truncated log's pages (after a compaction)."""
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._db.execute("PRAGMA incremental_vacuum")
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+_PACK_OVER = 512
+
+
+def _pack(text: str) -> str | bytes:
+    """Long records are stored compressed (a BLOB); short ones as readable TEXT."""
+    if len(text) <= _PACK_OVER:
+        return text
+    return zlib.compress(text.encode(), 1)
+
+
+def _unpack(value: str | bytes) -> str | bytes:
+    return zlib.decompress(value) if isinstance(value, bytes) else value
 
 
 # --------------------------------------------------------------------------- group commit
@@ -251,7 +277,7 @@ class MutationLog:
         self._snapshot_fn = snapshot_fn
         self._compact_every = compact_every
         self._threaded = threaded
-        self._pending: list[tuple[int, float, str, str, str]] = []
+        self._pending: list[tuple[int, float, str, str, str | bytes]] = []
         self._pending_meta: dict[str, Any] = {}
         self._appended = next_seq - 1
         self._committed = next_seq - 1
@@ -277,7 +303,7 @@ class MutationLog:
         if self._failed is not None:
             raise api.SiteUnavailable(f"site state cannot be saved: {self._failed}")
         self._appended += 1
-        self._pending.append((self._appended, site_time, component, method, codec.dump_plain(kwargs)))
+        self._pending.append((self._appended, site_time, component, method, _pack(codec.dump_plain(kwargs))))
         self._since_snapshot += 1
         if self._since_snapshot >= self._compact_every:
             self._snapshot_wanted = True

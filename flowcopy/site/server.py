@@ -495,3 +495,113 @@ async def _stop_on_signal(shutdown: trio.Event) -> None:
         async for _ in signals:
             shutdown.set()
             return
+
+
+# --------------------------------------------------------------------------- bench
+
+
+async def run_bench(
+    url: str | None, token_file: str | Path | None, *, calls: int = 2000, concurrency: int = 16
+) -> list[dict[str, Any]]:
+    """Per-call cost over loopback (and, for a site started here, without HTTP).
+
+    With no `url` a site is started in-process on a fresh temporary state folder (wall
+    clock, workloads off), so the figures are HTTP + JSON + durable commit, and the same
+    calls straight on the durable site give the share HTTP adds.
+    """
+    import tempfile
+    import time as _time
+
+    from flowcopy.site.client import SiteClient, resolve_site
+    from flowcopy.site.persist import open_site
+
+    results: list[dict[str, Any]] = []
+
+    async def measure(name: str, n: int, workers: int, call: Callable[[int], Awaitable[Any]]) -> None:
+        counter = iter(range(n))
+        durations: list[float] = []
+
+        async def worker() -> None:
+            for i in counter:
+                t0 = _time.perf_counter()
+                await call(i)
+                durations.append(_time.perf_counter() - t0)
+
+        start = _time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(workers):
+                nursery.start_soon(worker)
+        elapsed = _time.perf_counter() - start
+        results.append({
+            "name": name, "calls": n, "concurrency": workers, "seconds": elapsed,
+            "per_second": n / elapsed if elapsed > 0 else float("inf"),
+            "mean_ms": 1000 * sum(durations) / max(1, len(durations)),
+        })
+
+    async def suite(site: api.Site, label: str) -> None:
+        vols = await site.list_volumes()
+        busy = {v for r in await site.query() for v in (r.source, r.target)}
+        by_size: dict[int, list[str]] = {}
+        for v in vols:
+            if v.serial not in busy:
+                by_size.setdefault(v.capacity, []).append(v.serial)
+        pairs = [(group[i], group[i + 1]) for group in by_size.values() for i in range(0, len(group) - 1, 2)]
+        if not pairs:
+            raise api.BadRequest("bench needs two free volumes of the same size")
+        serial = vols[0].serial
+        await measure(f"{label} now()", calls, 1, lambda i: site.now())
+        await measure(f"{label} get_volume", calls, 1, lambda i: site.get_volume(serial))
+        await measure(f"{label} get_volume", calls, concurrency, lambda i: site.get_volume(serial))
+        nocopy = api.FlashOptions(mode=api.CopyMode.NOCOPY, tag="bench")
+
+        async def cycle(pair: tuple[str, str], establish_times: list[float], withdraw_times: list[float]) -> None:
+            t0 = _time.perf_counter()
+            await site.establish(pair[0], pair[1], nocopy)
+            t1 = _time.perf_counter()
+            await site.withdraw(pair[0], pair[1])
+            establish_times.append(t1 - t0)
+            withdraw_times.append(_time.perf_counter() - t1)
+
+        for workers in sorted({1, min(concurrency, len(pairs))}):
+            est: list[float] = []
+            wdr: list[float] = []
+            cycles = max(1, calls // 2)
+            start = _time.perf_counter()
+            queue = iter(range(cycles))
+
+            async def worker(pair: tuple[str, str]) -> None:
+                for _ in queue:
+                    await cycle(pair, est, wdr)
+
+            async with trio.open_nursery() as nursery:
+                for w in range(workers):
+                    nursery.start_soon(worker, pairs[w])
+            elapsed = _time.perf_counter() - start
+            results.append({
+                "name": f"{label} establish+withdraw (2 calls)", "calls": 2 * cycles, "concurrency": workers,
+                "seconds": elapsed, "per_second": 2 * cycles / elapsed,
+                "mean_ms": 1000 * (sum(est) + sum(wdr)) / max(1, len(est) + len(wdr)),
+                "establish_mean_ms": 1000 * sum(est) / max(1, len(est)),
+                "withdraw_mean_ms": 1000 * sum(wdr) / max(1, len(wdr)),
+            })
+
+    if url is not None or os.environ.get("FLOWCOPY_SITE"):
+        url, token = resolve_site(url, token_file)
+        async with SiteClient(url, token, max_connections=max(concurrency, 1)) as client:
+            await suite(client, "http")
+        return results
+
+    with tempfile.TemporaryDirectory(prefix="flowcopy-bench-") as tmp:
+        token = secrets.token_urlsafe(16)
+        async with open_site(Path(tmp) / "site", clock="wall", workloads=False) as site:
+            app = build_app(site, token=token, faults=site.faults)
+            async with trio.open_nursery() as nursery:
+                served = await nursery.start(lambda task_status: serve_app(app, port=0, task_status=task_status))
+                async with SiteClient(served, token, max_connections=max(concurrency, 1)) as client:
+                    await suite(client, "http")
+                await suite(site, "direct")
+                nursery.cancel_scope.cancel()
+            results.append({"name": "durable commits (transactions)", "calls": site.log.commits,
+                            "concurrency": 0, "seconds": 0.0, "per_second": 0.0,
+                            "mean_ms": 0.0, "records": site.log.records})
+    return results
