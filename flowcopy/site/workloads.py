@@ -176,11 +176,11 @@ def fs_operation(seed: int, seq: int, files: list[bytes]) -> tuple[int, bytes]:
     name = FILE_NAMES[slot]
     old = files[slot]
     limit = FILE_BLOCKS * BLOCK
-    lines = "".join(_file_line(rng, name, seq) for _ in range(rng.randrange(1, 40))).encode()
+    lines = "".join(_file_line(rng, name, seq) for _ in range(rng.randrange(5, 80))).encode()
     roll = rng.random()
-    if roll < 0.7 and len(old) + len(lines) <= limit:
+    if roll < 0.75 and len(old) + len(lines) <= limit:
         new = old + lines  # append
-    elif roll < 0.9 and old:
+    elif roll < 0.97 and old:
         at = rng.randrange(len(old))
         patch = lines[: max(1, min(len(lines), len(old) - at))]
         new = old[:at] + patch + old[at + len(patch) :]  # overwrite in place
