@@ -57,6 +57,7 @@ _SCALARS: dict[Any, dict[str, Any]] = {
     d.ErrorKind: {"enum": sorted(d.ERRORS_BY_KIND)},
     d.Url: {"type": "string", "pattern": d.URL_PATTERN},
     d.Count: {"type": "integer", "minimum": 1},
+    d.Factor: {"type": "number", "minimum": 1},
 }
 
 

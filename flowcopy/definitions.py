@@ -51,6 +51,7 @@ from croniter import croniter
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
+from ruamel.yaml.events import MappingEndEvent, MappingStartEvent, SequenceEndEvent, SequenceStartEvent
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from ruamel.yaml.scalarbool import ScalarBoolean
 
@@ -101,6 +102,9 @@ __all__ = [
 
 MAX_FILE_BYTES = 1024 * 1024
 """Definitions are a few KiB; anything over 1 MiB is a mistake (a log, an image) and is refused."""
+
+MAX_DEPTH = 64
+"""A definition nests about six levels; hundreds means a broken or hostile file."""
 
 MAX_NODES = 100_000
 """Aliases may multiply a small file into a huge tree ("billion laughs"); refuse beyond this."""
@@ -172,6 +176,9 @@ Url = NewType("Url", str)
 
 Count = NewType("Count", int)
 """A whole number >= 1."""
+
+Factor = NewType("Factor", float)
+"""A finite number >= 1 (a backoff multiplier)."""
 
 WORKFLOW_NAME_PATTERN = r"^[a-z0-9][a-z0-9\-_.]{0,63}$"
 SERIAL_PATTERN = r"^[0-9]{8}$"
@@ -339,7 +346,7 @@ class RetryPolicy:
 
     max_attempts: Count = _field(3, "attempts in all, including the first")
     initial_interval: Duration = _field(1.0, "wait before the first retry")
-    backoff: float = _field(2.0, "each further wait is this many times longer (>= 1)")
+    backoff: Factor = _field(2.0, "each further wait is this many times longer (>= 1)")
     max_interval: Duration = _field(60.0, "the wait never grows beyond this")
     non_retryable: tuple[ErrorKind, ...] = _field((), "error kinds never retried even if transient")
 
@@ -612,6 +619,13 @@ def _float(value: object, _: object = None) -> float:
         raise _Invalid(f"number {value!r} is too large") from exc
 
 
+def _factor(value: object, _: object = None) -> float:
+    number = _float(value)
+    if not 1.0 <= number < float("inf"):
+        raise _Invalid(f"must be a number >= 1, got {value!r}")
+    return number
+
+
 def _duration(value: object, _: object = None) -> float:
     try:
         return parse_duration(value)
@@ -705,6 +719,7 @@ _SCALAR_HOOKS: dict[Any, Any] = {
     ErrorKind: _error_kind,
     Url: _url,
     Count: _count,
+    Factor: _factor,
 }
 
 _ENUMS: tuple[type[Enum], ...] = (Kind, Mode, Overlap, Action, Withdraw, Before, QuiesceLevel)
@@ -737,8 +752,9 @@ def _make_converter() -> cattrs.Converter:
             conv.register_structure_hook(t, hook)
         else:  # NewTypes
             conv.register_structure_hook_func(lambda candidate, t=t: candidate is t, hook)
-    for enum in _ENUMS:  # by class, so a str Enum does not fall to the str hook
+    for enum in _ENUMS:  # by class, so a str Enum does not fall to the str hooks
         conv.register_structure_hook(enum, _enum_hook(enum))
+        conv.register_unstructure_hook(enum, _enum_value)
     for t, hook in _UNSTRUCTURE_HOOKS.items():
         conv.register_unstructure_hook(t, hook)
 
@@ -827,6 +843,10 @@ def _make_converter() -> cattrs.Converter:
     return conv
 
 
+def _enum_value(member: Enum) -> Any:
+    return member.value
+
+
 def _keys_hint(cls: type) -> str:
     names = [a.name for a in attrs.fields(cls)]
     shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
@@ -851,6 +871,13 @@ def unstructure(workflow: Workflow) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- YAML
+
+_RawProblem = tuple[tuple[str | int, ...], str, bool]
+"""path, message, whether to point at the key (rather than the value)."""
+
+_PlacedProblem = tuple[tuple[str | int, ...], str, "tuple[int, int] | None"]
+"""path, message, 0-based (line, col) when known better than the path's place."""
+
 
 
 def _yaml() -> YAML:
@@ -942,7 +969,7 @@ def _duplicate_keys(root: Node) -> list[tuple[tuple[str | int, ...], str, int, i
     return found
 
 
-def _plain(tree: Any, problems: list[tuple[tuple[str | int, ...], str, bool]]) -> Any:
+def _plain(tree: Any, problems: list[_PlacedProblem]) -> Any:
     """The round-trip tree as plain dict/list/str/int/float/bool/None, refusing what cattrs
     should never see: non-string keys, YAML tags, dates, recursion, alias bombs."""
     count = 0
@@ -954,19 +981,19 @@ def _plain(tree: Any, problems: list[tuple[tuple[str | int, ...], str, bool]]) -
             raise _TooBig
         if isinstance(value, dict):
             if id(value) in active:
-                problems.append((path, "an alias refers to a node that contains it (recursive document)", False))
+                problems.append((path, "an alias refers to a node that contains it (recursive document)", None))
                 return None
             inner = active | {id(value)}
             result: dict[str, Any] = {}
             for key, item in value.items():
                 if not isinstance(key, str):
-                    problems.append((path, f"keys must be strings, got {_describe_yaml(key)}", False))
+                    problems.append((path, f"keys must be strings, got {_describe_yaml(key)}", _key_place(value, key)))
                     continue
                 result[key] = convert(item, (*path, key), inner)
             return result
         if isinstance(value, list):
             if id(value) in active:
-                problems.append((path, "an alias refers to a node that contains it (recursive document)", False))
+                problems.append((path, "an alias refers to a node that contains it (recursive document)", None))
                 return None
             inner = active | {id(value)}
             return [convert(item, (*path, index), inner) for index, item in enumerate(value)]
@@ -980,10 +1007,18 @@ def _plain(tree: Any, problems: list[tuple[tuple[str | int, ...], str, bool]]) -
             return float(value)
         if isinstance(value, str):
             return str(value)
-        problems.append((path, f"unsupported YAML value: {_describe_yaml(value)}", False))
+        problems.append((path, f"unsupported YAML value: {_describe_yaml(value)}", None))
         return _UNSUPPORTED
 
     return convert(tree, (), frozenset())
+
+
+def _key_place(mapping: Any, key: Any) -> tuple[int, int] | None:
+    try:
+        line, col = mapping.lc.key(key)
+    except (AttributeError, KeyError, TypeError):
+        return None
+    return int(line), int(col)
 
 
 class _TooBig(Exception):
@@ -1016,7 +1051,6 @@ def _describe_yaml(value: object) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-_RawProblem = tuple[tuple[str | int, ...], str, bool]  # path, message, locate at the key
 
 
 def load_definition(path: str | Path) -> Workflow:
@@ -1058,12 +1092,13 @@ def load_text(text: str | bytes, filename: str = "<string>") -> Workflow:
 
     yaml = _yaml()
     try:
+        _check_depth(yaml, text)
         node = yaml.compose(text)
         tree = yaml.load(text) if node is not None else None
     except YAMLError as exc:
         raise _yaml_refusal(exc, filename) from None
-    except RecursionError:
-        raise refuse("the document is nested too deeply") from None
+    except (RecursionError, _TooDeep):
+        raise refuse(f"the document is nested too deeply (more than {MAX_DEPTH} levels)") from None
     except (ValueError, TypeError, OverflowError) as exc:  # e.g. a timestamp like 2024-02-30
         raise refuse(f"not valid YAML: {exc}") from None
     if tree is None:
@@ -1074,6 +1109,7 @@ def load_text(text: str | bytes, filename: str = "<string>") -> Workflow:
         raise refuse(f"the top level must be a mapping (name:, units:, ...), got {got}")
 
     raw: list[_RawProblem] = []
+    placed: list[_PlacedProblem] = []
     problems: list[Problem] = []
     try:
         for path, message, line, col in _duplicate_keys(node):
@@ -1081,14 +1117,17 @@ def load_text(text: str | bytes, filename: str = "<string>") -> Workflow:
     except RecursionError:  # pragma: no cover - compose would have failed first
         raise refuse("the document is nested too deeply") from None
     try:
-        plain = _plain(tree, raw)
+        plain = _plain(tree, placed)
     except _TooBig:
         raise refuse(f"the document expands to more than {MAX_NODES} values (aliases?)") from None
     except RecursionError:
         raise refuse("the document is nested too deeply") from None
 
     workflow: Workflow | None = None
-    reported = {path for path, _, _ in raw}
+    for path, message, place in placed:
+        line, col = (place[0] + 1, place[1] + 1) if place is not None else located.position(path)
+        problems.append(Problem(filename, line, col, format_path(path), message))
+    reported = {path for path, _, _ in placed}
     try:
         spec = converter.structure(plain, WorkflowSpec)
     except (ClassValidationError, IterableValidationError) as exc:
@@ -1104,6 +1143,23 @@ def load_text(text: str | bytes, filename: str = "<string>") -> Workflow:
         problems = sorted(set(problems), key=lambda p: (p.line, p.col, p.path, p.message))
         raise DefinitionError(problems)
     return workflow
+
+
+class _TooDeep(Exception):
+    pass
+
+
+def _check_depth(yaml: YAML, text: str) -> None:
+    """Refuse deep nesting from the parser's events, before the recursive composer
+    spends seconds climbing into a RecursionError."""
+    depth = 0
+    for event in yaml.parse(text):
+        if isinstance(event, (MappingStartEvent, SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _TooDeep
+        elif isinstance(event, (MappingEndEvent, SequenceEndEvent)):
+            depth -= 1
 
 
 def _yaml_refusal(exc: YAMLError, filename: str) -> DefinitionError:

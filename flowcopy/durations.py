@@ -73,7 +73,7 @@ def format_duration(seconds: float) -> str:
     """The shortest usual written form: 30 -> `30s`, 5400 -> `1h30m`, 0.5 -> `500ms`.
 
     Values that are not a whole number of milliseconds keep full float precision in
-    seconds (`0.0001s`) so the round trip stays exact.
+    seconds (`0.0001s`, never an exponent) so the round trip stays exact.
     """
     seconds = float(seconds)
     if not math.isfinite(seconds) or seconds < 0:
@@ -81,7 +81,7 @@ def format_duration(seconds: float) -> str:
     exact = Decimal(repr(seconds))
     millis = exact * 1000
     if millis != millis.to_integral_value():
-        return f"{repr(seconds)}s"
+        return f"{format(exact, 'f')}s"  # plain digits: the written form has no exponent
     rest = int(millis)
     if rest == 0:
         return "0s"
