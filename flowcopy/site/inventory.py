@@ -73,9 +73,21 @@ class _Where:
         return f"{loc}: {path}" if path else loc
 
 
+def _kind(node: object) -> str:
+    if isinstance(node, Mapping):
+        return "a mapping"
+    if isinstance(node, list):
+        return "a list"
+    if isinstance(node, str):
+        return f"text {node!r}"
+    if node is None:
+        return "nothing"
+    return f"{node!r}"
+
+
 def _mapping(node: object, where: _Where, path: str, parent: object = None, key: object = None) -> Mapping[str, Any]:
     if not isinstance(node, Mapping):
-        raise LabError(f"{where(parent if parent is not None else node, path, key)}: expected a mapping, got {type(node).__name__}")
+        raise LabError(f"{where(parent if parent is not None else node, path, key)}: expected a mapping, got {_kind(node)}")
     return node
 
 
@@ -83,7 +95,7 @@ def _list(node: object, where: _Where, path: str, parent: object, key: object) -
     if node is None:
         return []
     if not isinstance(node, list):
-        raise LabError(f"{where(parent, path, key)}: expected a list, got {type(node).__name__}")
+        raise LabError(f"{where(parent, path, key)}: expected a list, got {_kind(node)}")
     return node
 
 
