@@ -1077,7 +1077,7 @@ class ArrayService:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _call(self, name: str, timed: bool, **kwargs: Any) -> Any:
+    def _call(self, name: str, timed: bool, /, **kwargs: Any) -> Any:
         if timed:
             kwargs["now"] = self.clock()
         result = getattr(self.array, name)(**kwargs)
