@@ -457,6 +457,10 @@ class Site(Protocol):
 
     async def list_volumes(self) -> list[VolumeInfo]: ...
 
+    async def list_pools(self) -> dict[str, tuple[str, ...]]:
+        """Named sets of spare target volumes the lab defines (workflows pick targets from them)."""
+        ...
+
     async def get_volume(self, serial: str) -> VolumeInfo: ...
 
     # ---- guests

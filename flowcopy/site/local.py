@@ -385,6 +385,9 @@ class LocalSite:
     async def list_volumes(self) -> list[VolumeInfo]:
         return await self.service.volumes()
 
+    async def list_pools(self) -> dict[str, tuple[str, ...]]:
+        return self.pools
+
     async def get_volume(self, serial: str) -> VolumeInfo:
         return await self.service.volume(serial)
 
