@@ -68,6 +68,11 @@ class JournalCorrupt(JournalError):
     """The store file is not a flowcopy journal, is unreadable, or is from a newer flowcopy."""
 
 
+class StoreUnusable(JournalError, OSError):
+    """The store folder cannot be created or used (a file in the way, no permission,
+    a file system without WAL support). An OSError too, for callers that report those."""
+
+
 class JournalNotFound(JournalError):
     """A read-only open (lock=False) of a store that has no journal yet."""
 
@@ -350,6 +355,7 @@ class Journal:
         self._wakeup = trio.Event()
         self._writer_running = False
         self._dead: BaseException | None = None
+        self._limiter: trio.CapacityLimiter | None = None
         self._wconn: sqlite3.Connection | None = None
         self._wdb: sqlite_utils.Database | None = None
         self._rconn: sqlite3.Connection | None = None
@@ -386,7 +392,7 @@ class Journal:
         try:
             store.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise JournalError(f"cannot create store {store}: {exc.strerror}") from None
+            raise StoreUnusable(f"cannot create store {store}: {exc.strerror}") from None
         fd = _lock_store(store)
         journal = cls(store, path, readonly=False, lock_fd=fd)
         try:
@@ -413,7 +419,7 @@ class Journal:
         except sqlite3.DatabaseError as exc:
             raise JournalCorrupt(f"{self.path} is not a usable journal: {exc}") from None
         if str(mode).lower() != "wal":
-            raise JournalError(f"{self.path}: the file system does not support WAL mode ({mode})")
+            raise StoreUnusable(f"{self.path}: the file system does not support WAL mode ({mode})")
         try:
             _migrate(db, self.path)
         except sqlite3.DatabaseError as exc:
@@ -457,6 +463,8 @@ class Journal:
         if self._writer_running:
             raise RuntimeError(f"journal {self.path}: a writer is already running")
         self._writer_running = True
+        # a thread of its own: journal commits never queue behind other to_thread work
+        self._limiter = trio.CapacityLimiter(1)
         task_status.started()
         try:
             while True:
@@ -484,7 +492,7 @@ class Journal:
     async def _commit(self, batch: list[_Request]) -> None:
         now = time.time()
         try:
-            await trio.to_thread.run_sync(self._write_batch, batch, now)
+            await trio.to_thread.run_sync(self._write_batch, batch, now, limiter=self._limiter)
         except sqlite3.Error as exc:
             # the whole transaction rolled back: every waiter of this batch learns it
             err = JournalError(f"journal {self.path}: commit failed: {exc}")
@@ -527,32 +535,85 @@ class Journal:
 
     # runs in the worker thread; the only code that touches the write connection
     def _write_batch(self, batch: list[_Request], now: float) -> None:
-        db = self._wdb
-        assert db is not None
-        db.execute("BEGIN IMMEDIATE")
+        db, conn = self._wdb, self._wconn
+        assert db is not None and conn is not None
+        conn.execute("BEGIN IMMEDIATE")
         try:
             for req in batch:
+                if req.kind == "moves":
+                    # checked before anything is written, so a refused request needs
+                    # no savepoint: the hot path is three statements per move
+                    try:
+                        planned = self._plan_moves(conn, req.args)
+                    except JournalConflict as exc:
+                        req.error = exc
+                        continue
+                    req.result = self._write_moves(conn, planned)
+                    continue
                 try:
                     with db.atomic():  # a savepoint: one bad request fails alone
-                        req.result = self._apply(db, req, now)
-                except (JournalConflict, UnknownRun) as exc:
+                        req.result = self._apply_run(db, req, now)
+                except UnknownRun as exc:
                     req.error = exc
                 except sqlite3.IntegrityError as exc:
                     req.error = JournalConflict(f"journal {self.path}: {req.kind} refused: {exc}")
-            db.execute("COMMIT")
+            conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
+                conn.execute("ROLLBACK")
             for req in batch:
                 req.result = None
             raise
 
-    def _apply(self, db: sqlite_utils.Database, req: _Request, now: float) -> Any:
-        if req.kind == "moves":
-            seq = 0
-            for move, payload, data, at in req.args:
-                seq = self._apply_move(db, move, payload, data, at)
-            return seq
+    def _plan_moves(
+        self, conn: sqlite3.Connection, moves: Sequence[tuple[Move, str, str | None, float]]
+    ) -> list[tuple[Move, str, str | None, float, str, int]]:
+        """Check that each move continues its unit's journal (state and seq), taking the
+        request's own earlier moves into account; return them with run id and new seq."""
+        current: dict[str, tuple[str, str, int]] = {}
+        planned = []
+        for move, payload, data, at in moves:
+            row = current.get(move.unit_id)
+            if row is None:
+                row = conn.execute(
+                    "SELECT run_id, state, seq FROM units WHERE unit_id = ?", (move.unit_id,)
+                ).fetchone()
+            if row is None:
+                raise JournalConflict(f"unit {move.unit_id}: not in the journal (begin its run first)")
+            run_id, state, seq = row
+            if state != move.from_state:
+                raise JournalConflict(
+                    f"unit {move.unit_id}: move {move.from_state!r} -[{move.event}]-> {move.to_state!r} "
+                    f"does not continue the journal, where the unit is {state!r} (seq {seq})"
+                )
+            current[move.unit_id] = (run_id, move.to_state, seq + 1)
+            planned.append((move, payload, data, at, run_id, seq + 1))
+        return planned
+
+    @staticmethod
+    def _write_moves(
+        conn: sqlite3.Connection, planned: list[tuple[Move, str, str | None, float, str, int]]
+    ) -> int:
+        seq = 0
+        for move, payload, data, at, run_id, seq in planned:
+            conn.execute(
+                "INSERT INTO events (unit_id, seq, run_id, from_state, to_state, event, payload, time)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (move.unit_id, seq, run_id, move.from_state, move.to_state, move.event, payload, at),
+            )
+            if data is None:
+                conn.execute(
+                    "UPDATE units SET state = ?, seq = ?, updated = ? WHERE unit_id = ?",
+                    (move.to_state, seq, at, move.unit_id),
+                )
+            else:
+                conn.execute(
+                    "UPDATE units SET state = ?, seq = ?, updated = ?, data = ? WHERE unit_id = ?",
+                    (move.to_state, seq, at, data, move.unit_id),
+                )
+        return seq
+
+    def _apply_run(self, db: sqlite_utils.Database, req: _Request, now: float) -> None:
         if req.kind == "begin_run":
             run, definition, units = req.args
             db.execute(
@@ -567,52 +628,18 @@ class Journal:
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (unit.unit_id, run.run_id, position, unit.state, data, unit.updated, unit.seq),
                 )
-            return None
+            return
+        run_id = req.args[0]
         if req.kind == "finish_run":
-            run_id, state = req.args
             cur = db.execute(
-                "UPDATE runs SET state = ?, finished = ? WHERE run_id = ?", (state, now, run_id)
+                "UPDATE runs SET state = ?, finished = ? WHERE run_id = ?", (req.args[1], now, run_id)
             )
-            if cur.rowcount != 1:
-                raise UnknownRun(f"journal {self.path}: no run {run_id!r}")
-            return None
-        if req.kind == "request_cancel":
-            (run_id,) = req.args
+        elif req.kind == "request_cancel":
             cur = db.execute("UPDATE runs SET cancel_requested = 1 WHERE run_id = ?", (run_id,))
-            if cur.rowcount != 1:
-                raise UnknownRun(f"journal {self.path}: no run {run_id!r}")
-            return None
-        raise AssertionError(req.kind)  # pragma: no cover
-
-    def _apply_move(self, db: sqlite_utils.Database, move: Move, payload: str, data: str | None, at: float) -> int:
-        row = db.execute(
-            "SELECT run_id, state, seq FROM units WHERE unit_id = ?", (move.unit_id,)
-        ).fetchone()
-        if row is None:
-            raise JournalConflict(f"unit {move.unit_id}: not in the journal (begin its run first)")
-        run_id, state, seq = row
-        if state != move.from_state:
-            raise JournalConflict(
-                f"unit {move.unit_id}: move {move.from_state!r} -[{move.event}]-> {move.to_state!r} "
-                f"does not continue the journal, where the unit is {state!r} (seq {seq})"
-            )
-        seq += 1
-        db.execute(
-            "INSERT INTO events (unit_id, seq, run_id, from_state, to_state, event, payload, time)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (move.unit_id, seq, run_id, move.from_state, move.to_state, move.event, payload, at),
-        )
-        if data is None:
-            db.execute(
-                "UPDATE units SET state = ?, seq = ?, updated = ? WHERE unit_id = ?",
-                (move.to_state, seq, at, move.unit_id),
-            )
-        else:
-            db.execute(
-                "UPDATE units SET state = ?, seq = ?, updated = ?, data = ? WHERE unit_id = ?",
-                (move.to_state, seq, at, data, move.unit_id),
-            )
-        return seq
+        else:  # pragma: no cover
+            raise AssertionError(req.kind)
+        if cur.rowcount != 1:
+            raise UnknownRun(f"journal {self.path}: no run {run_id!r}")
 
     async def _submit(self, req: _Request) -> Any:
         if self._dead is not None:

@@ -468,8 +468,9 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
 def test_unwritable_store_is_reported(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(JournalError, match=f"cannot create store {blocker / 'store'}"):
+    with pytest.raises(jmod.StoreUnusable, match=f"^cannot create store {blocker / 'store'}: Not a directory$") as info:
         Journal.open(blocker / "store")
+    assert isinstance(info.value, OSError) and isinstance(info.value, JournalError)
 
 
 def test_migration_from_version_1(tmp_path: Path) -> None:
@@ -500,15 +501,15 @@ from pathlib import Path
 from flowcopy import journal as jm
 store, mode, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 j = jm.Journal.open(store)
-orig = jm.Journal._apply_move
+orig = jm.Journal._write_moves
 calls = 0
-def slow(self, *a):
+def slow(conn, planned):
     global calls
     calls += 1
     if mode == "mid" and calls == n // 2:
         print("mid", flush=True)
         time.sleep(600)  # killed here, half the batch written and not committed
-    return orig(self, *a)
+    return orig(conn, planned)
 def after(move):
     if move.unit_id == f"r1/u{n - 1}":
         print("committed", flush=True)
@@ -518,7 +519,7 @@ async def main():
         await nursery.start(j.run_writer)
         await j.begin_run(jm.RunRow("r1", "wf", {}), [jm.UnitRow(f"r1/u{i}", "r1") for i in range(n)])
         j._wconn.execute("PRAGMA cache_size = 5")  # spill uncommitted pages into the WAL
-        jm.Journal._apply_move = slow
+        jm.Journal._write_moves = staticmethod(slow)
         j.crash_hook = after
         print("ready", flush=True)
         for i in range(n):
