@@ -76,8 +76,9 @@ async def run_file(
 ) -> tuple[list[RunSummary], RunSummary]:
     """Load, validate, resume what was unfinished, then run `path` once; returns summaries."""
     workflow = definitions.load_definition(path)
+    lab = lab or workflow.site.lab
     async with open_site(store, site_url or planning.site_url(workflow), token_file, lab=lab, speed=speed) as site:
-        async with open_engine(store, site, limits=limits) as engine:
+        async with open_engine(store, site, limits=limits or planning.limits(workflow)) as engine:
             if on_engine:
                 on_engine(engine, None)
             resumed = await engine.resume()

@@ -1,0 +1,118 @@
+"""The invariants of DESIGN §4, checked from the journal and the site's own state.
+
+Used by the crash tests after every simulated crash, by the real-process kill tests, and
+(later) by `flowcopy chaos`. It reads the site through the `Site` interface only, so it
+checks a served site exactly as the in-process one.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+import attrs
+
+from flowcopy import machine
+from flowcopy.journal import Journal
+from flowcopy.site.api import Site
+
+
+@attrs.frozen
+class Verdict:
+    problems: tuple[str, ...]
+    runs: int
+    units: int
+    relationships_kept: int
+    checked_images: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _keeps_relationships(spec: dict) -> bool:
+    return spec.get("mode") == "incremental" or spec.get("withdraw") == "keep" or spec.get("kind") == "restore"
+
+
+async def check_invariants(journal: Journal, site: Site, *, recheck_images: bool = True) -> Verdict:
+    problems: list[str] = []
+    runs = journal.runs()
+    units = [u for r in runs for u in journal.units(r.run_id)]
+
+    # 1. every run terminal, no unit stuck
+    for run in runs:
+        if run.state == "running":
+            problems.append(f"run {run.run_id} is still running")
+    for unit in units:
+        if unit.state not in machine.TERMINAL:
+            problems.append(f"unit {unit.unit_id} is stuck in {unit.state}")
+
+    # 2. no VM frozen, no LSS held
+    for vm in await site.list_vms():
+        status = await site.freeze_status(vm.name)
+        if status.frozen:
+            problems.append(f"VM {vm.name} is still frozen (freeze {status.freeze_id} since {status.frozen_at})")
+    for held in await site.frozen_lsses():
+        problems.append(f"LSS {held.lss} is still in extended long busy (since {held.since})")
+
+    # 3. relationships: at most one per (run, pair); none left unless the definition keeps it
+    tags = {u.data.get("tag"): u for u in units}
+    kept = 0
+    all_rels = await site.query()
+    per_pair = Counter((r.tag, frozenset((r.source, r.target))) for r in all_rels if r.tag)
+    for (tag, pair), n in per_pair.items():
+        if n > 1:
+            problems.append(f"{n} relationships for pair {sorted(pair)} with tag {tag}")
+    for rel in all_rels:
+        if not (rel.tag or "").startswith("fc:"):
+            continue
+        unit = tags.get(rel.tag)
+        if unit is None:
+            problems.append(f"relationship {rel.id} carries tag {rel.tag} that no journaled unit knows (leaked)")
+            continue
+        if unit.state in machine.TERMINAL and not _keeps_relationships(unit.data.get("spec", {})):
+            problems.append(f"relationship {rel.id} of {unit.state} unit {unit.unit_id} was left behind")
+        else:
+            kept += 1
+
+    # 4. succeeded units verified; where the image still stands alone, check it again now
+    checked = 0
+    latest_target_user: dict[str, str] = {}
+    for unit in units:
+        for pair in unit.data.get("pairs", []):
+            latest_target_user[pair["target"]] = unit.unit_id
+    for unit in units:
+        if unit.state != "succeeded":
+            continue
+        if unit.data.get("verified") is not True:
+            problems.append(f"unit {unit.unit_id} succeeded without a verified image")
+        spec = unit.data.get("spec", {})
+        pairs = unit.data.get("pairs", [])
+        standalone = (
+            recheck_images
+            and spec.get("kind") == "backup"
+            and spec.get("mode") == "copy"
+            and pairs
+            and all(latest_target_user.get(p["target"]) == unit.unit_id for p in pairs)
+        )
+        if standalone:
+            report = await site.check([p["target"] for p in pairs])
+            checked += 1
+            if not report.consistent:
+                problems.append(f"unit {unit.unit_id}: target image inconsistent: {'; '.join(report.problems[:3])}")
+
+    # 5. each unit's history is a valid path through the state table
+    for unit in units:
+        moves = [(e.from_state, e.event, e.to_state) for e in journal.events(unit_id=unit.unit_id)]
+        for problem in machine.validate_history(moves):
+            problems.append(f"unit {unit.unit_id}: {problem}")
+        if moves and moves[-1][2] != unit.state:
+            problems.append(f"unit {unit.unit_id}: current state {unit.state} is not its last event's {moves[-1][2]}")
+
+    return Verdict(tuple(problems), len(runs), len(units), kept, checked)
+
+
+def summarize(verdicts: Iterable[Verdict]) -> str:
+    vs = list(verdicts)
+    bad = [p for v in vs for p in v.problems]
+    return f"{len(vs)} checks, {len(bad)} problems" + ("" if not bad else ": " + "; ".join(bad[:5]))

@@ -1,0 +1,169 @@
+"""From a loaded definition to the units of one run, fixed before the run is journaled.
+
+Everything that could differ between now and a resume is decided here, once, and
+journaled with the run: which VMs a selector matched, which consistency group each VM
+belongs to, and which free pool volume each disk copies to. Pool targets are handed out
+here, one at a time, because units preparing concurrently would otherwise race for the
+same free volume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from flowcopy import definitions as d
+from flowcopy.engine import Limits
+from flowcopy.site.api import Site
+from flowcopy.stages import DiskSpec, TargetRef, UnitSpec
+
+
+class PlanError(Exception):
+    """The definition is valid but does not fit the site (unknown pool, empty selector...)."""
+
+
+def site_url(workflow: d.Workflow) -> str | None:
+    return workflow.site.url
+
+
+def definition_data(workflow: d.Workflow) -> dict[str, Any]:
+    return d.unstructure(workflow)
+
+
+def limits(workflow: d.Workflow) -> Limits:
+    c = workflow.concurrency
+    return Limits(units=c.vms, per_lss=c.per_lss, guest_agents=c.guest_agents)
+
+
+def _target(target: d.Target) -> TargetRef:
+    if isinstance(target, d.SerialTarget):
+        return TargetRef(serial=target.serial)
+    if isinstance(target, d.VmDiskTarget):
+        return TargetRef(vm=target.vm, disk=target.disk)
+    if isinstance(target, d.RotateTarget):
+        return TargetRef(rotate=tuple(target.rotate))
+    return TargetRef(pool=(target.pool,))
+
+
+def _spec(workflow: d.Workflow, unit: d.UnitDef, vms: Sequence[str]) -> UnitSpec:
+    copy = unit.copy
+    t = unit.timeouts
+    return UnitSpec(
+        unit_id="",
+        kind=workflow.kind.value,
+        vms=tuple(vms),
+        disks=tuple(DiskSpec(vm=vm, disk=disk.disk, target=_target(disk.target)) for vm in vms for disk in unit.disks),
+        mode=unit.mode.value,
+        quiesce=unit.quiesce.value,
+        freeze_timeout=float(unit.freeze_timeout),
+        copy_action=copy.action.value,
+        copy_to=copy.to,
+        copy_host=copy.host,
+        mount_vm=copy.vm,
+        withdraw=unit.withdraw.value,
+        retention=workflow.retention.keep if workflow.retention else None,
+        task=unit.task,
+        restore_before=(workflow.before.value if workflow.before else "poweroff"),
+        retry_max_attempts=unit.retry.max_attempts,
+        retry_initial=unit.retry.initial_interval,
+        retry_backoff=unit.retry.backoff,
+        retry_max_interval=unit.retry.max_interval,
+        non_retryable=tuple(unit.retry.non_retryable),
+        timeouts={
+            "prepare": t.prepare,
+            "freeze": t.freeze,
+            "establish": t.establish,
+            "release": t.release,
+            "copy": t.copy,
+            "withdraw": t.withdraw,
+        },
+        group=unit.consistency_group,
+    )
+
+
+async def plan_units(workflow: d.Workflow, site: Site) -> list[UnitSpec]:
+    """The run's units: one per VM, or one per named consistency group (several VMs)."""
+    specs: list[UnitSpec] = []
+    groups: dict[str, UnitSpec] = {}
+    for index, unit in enumerate(workflow.units):
+        if unit.vm is not None:
+            vm_sets: list[list[str]] = [[unit.vm]]
+        elif unit.selector is not None:
+            matched = [vm.name for vm in await site.list_vms(dict(unit.selector))]
+            if not matched:
+                labels = ", ".join(f"{k}={v}" for k, v in sorted(unit.selector.items()))
+                raise PlanError(f"{workflow.name}: units[{index}]: selector {labels} matches no VM at the site")
+            vm_sets = [[vm] for vm in matched]
+        else:
+            vm_sets = [[]]  # a saved task: the array knows the pairs
+        for vms in vm_sets:
+            spec = _spec(workflow, unit, vms)
+            group = unit.consistency_group
+            if group is None:
+                specs.append(spec)
+            elif group in groups:
+                merged = groups[group]
+                groups[group] = UnitSpec(
+                    **{
+                        **_fields(merged),
+                        "vms": merged.vms + tuple(v for v in spec.vms if v not in merged.vms),
+                        "disks": merged.disks + spec.disks,
+                        "freeze_timeout": min(merged.freeze_timeout, spec.freeze_timeout),
+                    }
+                )
+            else:
+                groups[group] = spec
+                specs.append(spec)
+    # replace group placeholders by their merged form, keeping definition order
+    specs = [groups[s.group] if s.group in groups else s for s in specs]
+    return await _assign_pools(workflow, site, specs)
+
+
+def _fields(spec: UnitSpec) -> dict[str, Any]:
+    import attrs
+
+    return {f.name: getattr(spec, f.name) for f in attrs.fields(UnitSpec)}
+
+
+async def _assign_pools(workflow: d.Workflow, site: Site, specs: list[UnitSpec]) -> list[UnitSpec]:
+    """Give every pool target its own free volume of the right size, now, in order."""
+    if not any(disk.target.pool for spec in specs for disk in spec.disks):
+        return specs
+    import attrs
+
+    pools = await site.list_pools()
+    taken: set[str] = {disk.target.serial for spec in specs for disk in spec.disks if disk.target.serial}
+    out: list[UnitSpec] = []
+    for spec in specs:
+        disks = []
+        for disk in spec.disks:
+            if not disk.target.pool:
+                disks.append(disk)
+                continue
+            name = disk.target.pool[0]
+            if name not in pools:
+                raise PlanError(
+                    f"{workflow.name}: {disk.vm} {disk.disk}: the site defines no pool {name!r} "
+                    f"(pools: {', '.join(sorted(pools)) or 'none'})"
+                )
+            source = await site.lun_of(disk.vm, disk.disk)
+            chosen = None
+            for serial in pools[name]:
+                if serial in taken:
+                    continue
+                volume = await site.get_volume(serial)
+                if volume.capacity != source.capacity or not volume.online:
+                    continue
+                if await site.query(volume=serial):
+                    continue
+                chosen = serial
+                break
+            if chosen is None:
+                raise PlanError(
+                    f"{workflow.name}: {disk.vm} {disk.disk}: pool {name!r} has no free volume of "
+                    f"{source.capacity} bytes left for this run"
+                )
+            taken.add(chosen)
+            disks.append(attrs.evolve(disk, target=TargetRef(serial=chosen)))
+        out.append(attrs.evolve(spec, disks=tuple(disks)))
+    return out
