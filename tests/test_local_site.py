@@ -16,7 +16,7 @@ import trio
 from flowcopy.site import api, checker, workloads
 from flowcopy.site.api import CopyMode, FlashOptions, QuiesceLevel
 from flowcopy.site.inventory import load_lab
-from flowcopy.site.local import LocalSite
+from flowcopy.site.local import Latency, LocalSite
 
 W2K_1, W2K_2 = "rich-w2k-os-1", "RICH-W2K-OS-2"
 E1, E2 = "20313698", "20413698"
@@ -302,3 +302,92 @@ async def test_mutation_log_replays_to_the_same_state(autojump_clock: object) ->
     assert replayed.to_state() == site.to_state()
     # and a snapshot round trip is exact
     assert LocalSite.from_state(site.to_state()).to_state() == site.to_state()
+
+
+# --------------------------------------------------------------------------- shell details
+
+
+async def test_quiesce_and_thaw_take_modelled_time(autojump_clock: object) -> None:
+    site = load_lab()
+    start = trio.current_time()
+    ticket = await site.quiesce(W2K_1, QuiesceLevel.FILESYSTEM, 30)
+    assert ticket.frozen_at == pytest.approx(start + site.latency.quiesce)
+    await site.thaw(W2K_1)
+    status = await site.freeze_status(W2K_1)
+    assert status.thawed_at == pytest.approx(start + site.latency.quiesce + site.latency.thaw)
+    fast = load_lab(latency=Latency.zero())
+    ticket = await fast.quiesce(W2K_1, QuiesceLevel.FILESYSTEM, 30)
+    assert ticket.frozen_at == trio.current_time()
+
+
+async def test_workloads_start_stop_and_list(autojump_clock: object) -> None:
+    site = load_lab()
+    fs = site.workloads["orders-fs"]
+    async with site.running(False):
+        assert not any(w["running"] for w in site.list_workloads())
+        await site.start_workload("orders-fs")
+        await trio.sleep(10)
+        listed = {w["name"]: w for w in site.list_workloads()}
+        assert listed["orders-fs"]["running"] and listed["orders-fs"]["operations"] == fs.ops > 0
+        # a stop while the guest holds the workload (frozen) returns at once
+        await site.quiesce(W2K_1, QuiesceLevel.FILESYSTEM, 60)
+        before = trio.current_time()
+        await site.stop_workload("orders-fs")
+        assert trio.current_time() == before
+        await site.thaw(W2K_1)
+        stopped_at = fs.ops
+        await trio.sleep(10)
+        assert fs.ops == stopped_at
+        await site.start_workload("orders-fs")
+        await trio.sleep(10)
+        assert fs.ops > stopped_at
+        with pytest.raises(api.BadRequest, match="no workload 'nope'"):
+            await site.start_workload("nope")
+    report = await site.check([E1])
+    assert report.consistent
+    assert checker.read_files(site.read_at(), E1) == workloads.expected_files(fs.seed, fs.ops)
+
+
+async def test_mount_check_on_the_backup_host_reads_any_target(autojump_clock: object) -> None:
+    site = load_lab()
+    async with site.running(["rhel3-fs"]):
+        await trio.sleep(10)
+        await site.quiesce("rhel3-db1", QuiesceLevel.FILESYSTEM, 30)
+        await site.establish("22014698", "30516698", FlashOptions(mode=CopyMode.NOCOPY))
+        await site.thaw("rhel3-db1")
+        await trio.sleep(10)
+    report = await site.mount_check("backup-proxy", ["30516698"])
+    assert report.consistent and report.kind == "filesystem"
+    with pytest.raises(api.UnknownVolume):
+        await site.mount_check("backup-proxy", ["99999698"])
+    with pytest.raises(api.BadRequest, match="ESX server"):
+        await site.mount_check("esx-x440", ["30516698"])
+    with pytest.raises(api.UnknownDisk, match="VMFS virtual disk"):
+        await site.mount_check(W2K_2, ["C:"])
+
+
+async def test_reverse_restore_and_the_guest_carries_on_from_the_restored_image(autojump_clock: object) -> None:
+    site = load_lab()
+    fs = site.workloads["sles9-fs"]
+    source, target = "24014698", "36116698"
+    async with site.running(["sles9-fs"]):
+        await trio.sleep(20)
+        await site.quiesce("sles9-db1", QuiesceLevel.FILESYSTEM, 30)
+        ops_at_backup = fs.ops
+        await site.establish(source, target, FlashOptions(record=True, persistent=True, tag="incr"))
+        await site.thaw("sles9-db1")
+        await site.wait_copied(source, target)
+        await trio.sleep(20)
+        assert fs.ops > ops_at_backup
+        # restore: stop the application (power off), reverse, power on
+        await site.power_off("sles9-db1")
+        await site.reverse(source, target, tag="restore")
+        await site.wait_copied(target, source)
+        assert checker.read_files(site.read_at(), source) == workloads.expected_files(fs.seed, ops_at_backup)
+        await site.power_on("sles9-db1")
+        await trio.sleep(20)
+        assert fs.ops > ops_at_backup
+    # the guest re-read its disks at boot and continued the restored file system
+    report = await site.check([source])
+    assert report.consistent, report.problems
+    assert checker.read_files(site.read_at(), source) == workloads.expected_files(fs.seed, fs.ops)

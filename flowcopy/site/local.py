@@ -73,6 +73,8 @@ class _Runner:
     workload: Any
     scope: trio.CancelScope | None = None
     stopping: bool = False
+    in_op: bool = False
+    op_scope: trio.CancelScope | None = None
     done: trio.Event = attrs.Factory(trio.Event)
     error: BaseException | None = None
 
@@ -96,7 +98,7 @@ class _Guest:
         machine = site.farm.state(self.vm, now=site.clock())
         if machine.frozen and machine.freeze.level is QuiesceLevel.FILESYSTEM:  # type: ignore[union-attr]
             site._inflight[self.vm] -= 1
-            site._changed()
+            site._changed(self.vm)
             try:
                 await site._guest_ready(self.vm)
             finally:
@@ -133,7 +135,7 @@ class LocalSite:
         self._runners: dict[str, _Runner] = {}
         self._nursery: trio.Nursery | None = None
         self._inflight: dict[str, int] = {}
-        self._event = trio.Event()
+        self._events: dict[str, trio.Event] = {}  # per VM: its guest state or in-flight count changed
 
     # ------------------------------------------------------------------ plumbing
 
@@ -153,7 +155,7 @@ class LocalSite:
         result = getattr(self.farm, method)(**kwargs)
         if self.on_mutation is not None:
             self.on_mutation("farm", method, dict(kwargs))
-        self._changed()
+        self._changed(kwargs.get("vm"))
         return result
 
     def apply(self, component: str, method: str, kwargs: Mapping[str, Any]) -> Any:
@@ -163,10 +165,17 @@ class LocalSite:
             raise BadRequest(f"unknown site component {component!r}")
         return getattr(target, method)(**dict(kwargs))
 
-    def _changed(self) -> None:
-        """Wake everything waiting on guest state (workloads held, quiesce draining)."""
-        event, self._event = self._event, trio.Event()
-        event.set()
+    def _changed(self, vm: str | None) -> None:
+        """Wake what waits on a VM's guest state (its workloads held, a quiesce draining)."""
+        event = self._events.pop(vm, None) if vm is not None else None
+        if event is not None:
+            event.set()
+
+    def _event(self, vm: str) -> trio.Event:
+        event = self._events.get(vm)
+        if event is None:
+            event = self._events[vm] = trio.Event()
+        return event
 
     def _trio_deadline(self, site_time: float) -> float:
         if math.isinf(site_time):
@@ -180,8 +189,8 @@ class LocalSite:
         else:
             await trio.lowlevel.checkpoint()
 
-    async def _wait_change(self, until: float) -> None:
-        event = self._event
+    async def _wait_change(self, vm: str, until: float) -> None:
+        event = self._event(vm)
         with trio.move_on_at(self._trio_deadline(until)):
             await event.wait()
 
@@ -191,12 +200,12 @@ class LocalSite:
             blocked = self.farm.io_blocked(vm, now=self.clock())
             if blocked is None:
                 return
-            await self._wait_change(blocked)
+            await self._wait_change(vm, blocked)
 
     async def _drain(self, vm: str, until: float) -> None:
         """Wait for the guest's in-flight workload operations to finish (bounded by `until`)."""
         while self._inflight.get(vm, 0) > 0 and self.clock() < until:
-            await self._wait_change(until)
+            await self._wait_change(vm, until)
 
     # ------------------------------------------------------------------ persistence
 
@@ -271,8 +280,9 @@ class LocalSite:
                 yield self
             finally:
                 for runner in self._runners.values():
-                    if runner.scope is not None:
-                        runner.scope.cancel()
+                    for scope in (runner.op_scope, runner.scope):
+                        if scope is not None:
+                            scope.cancel()
                 self._nursery = None
                 nursery.cancel_scope.cancel()
         self._runners.clear()
@@ -296,7 +306,8 @@ class LocalSite:
         if runner is None or runner.done.is_set():
             return
         runner.stopping = True
-        self._changed()
+        if not runner.in_op and runner.scope is not None:
+            runner.scope.cancel()  # idle or held by the guest: nothing to finish
         await runner.done.wait()
 
     async def _run_workload(self, runner: _Runner, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -319,17 +330,20 @@ class LocalSite:
                         await load.recover(self.service.read)
                         continue
                     self._inflight[vm] = self._inflight.get(vm, 0) + 1
+                    runner.in_op = True
                     try:
-                        await load.step(guest)
+                        with trio.CancelScope(shield=True):
+                            # a stop lets the operation finish; only leaving running() cuts it
+                            runner.op_scope = trio.CancelScope()
+                            with runner.op_scope:
+                                await load.step(guest)
                     finally:
+                        runner.in_op = False
                         self._inflight[vm] -= 1
-                        self._changed()
-                    pause = load.pause()
-                    event = self._event
-                    with trio.move_on_after(pause / self.speed):
-                        while not runner.stopping:
-                            await event.wait()
-                            event = self._event
+                        self._changed(vm)
+                    if runner.stopping:
+                        break
+                    await trio.sleep(load.pause() / self.speed)
         finally:
             runner.done.set()
 
