@@ -48,6 +48,8 @@ class SiteClient:
         max_connections: int = 32,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        if not token or token != token.strip():
+            raise api.BadRequest("a site token must be non-empty text without surrounding blanks")
         self.url = url.rstrip("/")
         self._timeout = timeout
         self._write_timeout = write_timeout
@@ -287,6 +289,8 @@ def read_token(path: str | Path) -> str:
         raise api.BadRequest(f"cannot read the token file {path}: {exc.strerror}") from None
     if not token:
         raise api.BadRequest(f"the token file {path} is empty")
+    if any(c.isspace() or not c.isprintable() for c in token) or not token.isascii():
+        raise api.BadRequest(f"the token file {path} does not hold a bearer token (one word of printable ASCII)")
     return token
 
 

@@ -537,7 +537,9 @@ async def open_site(
         if latency is not None:
             site_kwargs["latency"] = latency
         if loaded.snapshot is None:
-            site_clock = SiteClock.start(kind, speed, 0.0)
+            # a wall-clock site starts at site time 0; on trio's clock site time is trio's
+            # time, like an in-process LocalSite's, so the two can be compared step by step
+            site_clock = SiteClock.start(kind, speed, trio.current_time() if kind == "trio" else 0.0)
             local, plan = _build_new(lab, clock=site_clock.now, **site_kwargs)
             next_seq = 1
             meta = {
