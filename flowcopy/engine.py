@@ -538,9 +538,11 @@ class Engine:
         while True:
             attempt += 1
             try:
-                if pairs and stages.needs_array_freeze(spec, pairs):
+                froze = int(unit.data.get("freeze_attempts", 0)) > 0
+                if froze and pairs and stages.needs_array_freeze(spec, pairs):
                     await stages.unfreeze_quietly(self.site, pairs)
-                await stages.thaw_all(self.site, spec)
+                if froze:
+                    await stages.thaw_all(self.site, spec)
                 if spec.mode != "incremental":
                     await stages.withdraw_tagged(self.site, unit.tag)
                 return

@@ -1,0 +1,293 @@
+"""The engine end to end against the in-process site, on trio's MockClock.
+
+Every test drives real units through the real state table and journal, then looks at
+the site's own state (relationships, freezes, LSS holds, image checks) to judge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from flowcopy import chaos, definitions, machine, planning
+from flowcopy.engine import Engine, Limits
+from flowcopy.journal import Journal
+from flowcopy.site import api
+from flowcopy.site.inventory import generate_lab, load_lab
+from flowcopy.site.local import Latency
+
+WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
+
+
+@asynccontextmanager
+async def engine_on(store: Path, site: Any, limits: Limits | None = None) -> AsyncIterator[Engine]:
+    journal = Journal.open(store)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(journal.run_writer)
+            yield Engine(journal, site, store=store, limits=limits)
+            nursery.cancel_scope.cancel()
+    finally:
+        journal.close()
+
+
+async def run_workflow(engine: Engine, site: Any, text_or_path: str | Path) -> Any:
+    if isinstance(text_or_path, Path):
+        wf = definitions.load_definition(text_or_path)
+    else:
+        wf = definitions.load_text(text_or_path, "test.yaml")
+    specs = await planning.plan_units(wf, site)
+    run_id = await engine.begin_run(wf.name, planning.definition_data(wf), specs)
+    return await engine.drive_run(run_id)
+
+
+async def assert_invariants(store: Path, site: Any) -> chaos.Verdict:
+    journal = Journal.open(store, lock=False)
+    try:
+        verdict = await chaos.check_invariants(journal, site)
+    finally:
+        journal.close()
+    assert verdict.problems == ()
+    return verdict
+
+
+async def test_every_example_runs_in_name_order(tmp_path: Path, autojump_clock: Any) -> None:
+    site = load_lab(None)
+    async with site.running():
+        async with engine_on(tmp_path, site) as engine:
+            for path in sorted(WORKFLOWS.glob("*.yaml")):
+                summary = await run_workflow(engine, site, path)
+                assert (path.name, summary.state, summary.verified) == (path.name, "succeeded", True), summary.failures
+                assert set(summary.units) == {"succeeded"}
+    verdict = await assert_invariants(tmp_path, site)
+    assert verdict.runs == len(list(WORKFLOWS.glob("*.yaml")))
+
+
+async def test_scenario_1_copy_opens_on_second_guest_with_identical_files(tmp_path: Path, autojump_clock: Any) -> None:
+    site = load_lab(None)
+    async with site.running():
+        async with engine_on(tmp_path, site) as engine:
+            summary = await run_workflow(engine, site, WORKFLOWS / "10-w2k-e-drive.yaml")
+            assert summary.state == "succeeded" and summary.verified
+            unit = engine.journal.units(summary.run_id)[0]
+            # the image on the second guest is the source's point-in-time image, byte for byte,
+            # for every written extent of the target
+            target = (await site.lun_of("RICH-W2K-OS-2", "Disk1")).serial
+            assert [p["target"] for p in unit.data["pairs"]] == [target]
+            report = await site.mount_check("RICH-W2K-OS-2", ["Disk1"])
+            assert report.consistent and report.kind == "filesystem"
+            assert unit.data["check"]["kind"] == "filesystem"
+    # nothing left behind: copy mode withdrawn, no freeze, no hold
+    assert await site.query(volume=target) == []
+
+
+async def test_scenario_2_database_group_is_dependent_write_consistent(tmp_path: Path, autojump_clock: Any) -> None:
+    site = load_lab(None)
+    async with site.running():
+        async with engine_on(tmp_path, site) as engine:
+            summary = await run_workflow(engine, site, WORKFLOWS / "20-sql-consistency-group.yaml")
+            assert summary.state == "succeeded" and summary.verified
+            unit = engine.journal.units(summary.run_id)[0]
+            assert unit.data["check"]["kind"] == "database"
+            await site.reboot("RICH-W2K-OS-2")
+            report = await site.mount_check("RICH-W2K-OS-2", ["Disk2", "Disk3"])
+            assert report.consistent, report.problems
+            events = [e.event for e in engine.journal.events(unit_id=unit.unit_id)]
+            assert events == [
+                "prepare", "prepared", "freeze", "frozen", "establish", "established",
+                "release", "released", "copy", "copied", "withdraw", "succeed",
+            ]
+    await assert_invariants(tmp_path, site)
+
+
+async def test_thousand_vms_in_one_run_all_verify(tmp_path: Path, autojump_clock: Any) -> None:
+    site = generate_lab(1000, 16, workloads=10, latency=Latency.zero())
+    text = """
+name: thousand
+mode: copy
+quiesce: filesystem
+units:
+  - selector: {backup: nightly}
+    disks:
+      - {disk: Disk1, target: {pool: targets}}
+      - {disk: Disk2, target: {pool: targets}}
+    copy: {action: wait}
+"""
+    async with site.running():
+        async with engine_on(tmp_path, site) as engine:
+            summary = await run_workflow(engine, site, text)
+            assert summary.units == {"succeeded": 1000}
+            assert summary.verified
+            # group commit: far fewer transactions than moves
+            assert engine.journal.transactions < engine.journal.moves_committed / 5
+            kinds = {u.data["check"]["kind"] for u in engine.journal.units(summary.run_id)}
+            assert "database" in kinds
+    assert await site.query() == []
+    await assert_invariants(tmp_path, site)
+
+
+# --------------------------------------------------------------------------- failures
+
+
+class FailingSite:
+    """Delegates to a real site; makes chosen calls fail as the array would refuse them."""
+
+    def __init__(self, inner: Any, fail: dict[str, Any]) -> None:
+        self._inner = inner
+        self._fail = fail
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._inner, name)
+        rule = self._fail.get(name)
+        if rule is None:
+            return method
+
+        async def wrapped(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            exc = rule(*args, **kwargs)
+            if exc is not None:
+                raise exc
+            return await method(*args, **kwargs)
+
+        return wrapped
+
+
+THREE_PAIRS = """
+name: three-pairs
+quiesce: application
+units:
+  - vm: rhel3-db1
+    quiesce: filesystem
+    disks:
+      - {disk: Disk1, target: "30016698"}
+      - {disk: Disk2, target: "35016698"}
+      - {disk: Disk3, target: "30116698"}
+    copy: {action: wait}
+"""
+
+
+async def test_establish_failing_on_one_pair_of_three_leaves_nothing(tmp_path: Path, autojump_clock: Any) -> None:
+    inner = load_lab(None)
+
+    def refuse_third(source: str, target: str, options: api.FlashOptions) -> Exception | None:
+        if target == "30116698":
+            return api.SizeMismatch(f"cannot establish {source} -> {target}: refused for the test")
+        return None
+
+    site = FailingSite(inner, {"establish": refuse_third})
+    async with inner.running():
+        async with engine_on(tmp_path, site) as engine:
+            summary = await run_workflow(engine, site, THREE_PAIRS)
+    assert summary.state == "failed"
+    (reason,) = summary.failures.values()
+    assert "size_mismatch" in reason and "30116698" in reason
+    assert site.calls.count("establish") == 3  # two succeeded before the third refused
+    for serial in ("30016698", "35016698", "30116698"):
+        assert await inner.query(volume=serial) == []
+    status = await inner.freeze_status("rhel3-db1")
+    assert not status.frozen and not status.lost
+    assert await inner.frozen_lsses() == []
+    await assert_invariants(tmp_path, inner)
+
+
+async def test_freeze_lost_in_guest_is_redone(tmp_path: Path, autojump_clock: Any) -> None:
+    """The guest thaws itself (freeze timeout) before the establish: detect, withdraw, redo."""
+    inner = load_lab(None)
+    slow = {"n": 0}
+
+    async def slow_establish(*args: Any, **kwargs: Any) -> Any:
+        slow["n"] += 1
+        if slow["n"] == 1:
+            await trio.sleep(40)  # longer than the 30 s freeze timeout
+        return await inner.establish(*args, **kwargs)
+
+    site = FailingSite(inner, {})
+    site.establish = slow_establish  # type: ignore[attr-defined]
+    async with inner.running():
+        async with engine_on(tmp_path, site) as engine:
+            summary = await run_workflow(engine, site, WORKFLOWS / "10-w2k-e-drive.yaml")
+            unit = engine.journal.units(summary.run_id)[0]
+            events = [(e.event, e.payload) for e in engine.journal.events(unit_id=unit.unit_id)]
+    assert summary.state == "succeeded" and summary.verified
+    redo = [p for e, p in events if e == "redo"]
+    assert len(redo) == 1 and "guest's own timeout" in redo[0]["problem"]
+    assert unit.data["freeze_attempts"] == 2
+    await assert_invariants(tmp_path, inner)
+
+
+async def test_freeze_lost_every_time_fails_with_reason(tmp_path: Path, autojump_clock: Any) -> None:
+    inner = load_lab(None)
+
+    async def slow_establish(*args: Any, **kwargs: Any) -> Any:
+        await trio.sleep(40)
+        return await inner.establish(*args, **kwargs)
+
+    site = FailingSite(inner, {})
+    site.establish = slow_establish  # type: ignore[attr-defined]
+    async with inner.running():
+        async with engine_on(tmp_path, site) as engine:
+            summary = await run_workflow(engine, site, WORKFLOWS / "10-w2k-e-drive.yaml")
+    assert summary.state == "failed"
+    (reason,) = summary.failures.values()
+    assert "gave up after 3 freeze attempts" in reason and "guest's own timeout" in reason
+    assert await inner.query(volume="20413698") == []
+    await assert_invariants(tmp_path, inner)
+
+
+async def test_cancel_mid_copy_withdraws(tmp_path: Path, autojump_clock: Any) -> None:
+    site = load_lab(None)
+    text = (WORKFLOWS / "40-hourly-rotation.yaml").read_text()
+    async with site.running():
+        async with engine_on(tmp_path, site) as engine:
+            wf = definitions.load_text(text, "rotation.yaml")
+            specs = await planning.plan_units(wf, site)
+            run_id = await engine.begin_run(wf.name, planning.definition_data(wf), specs)
+            async with trio.open_nursery() as nursery:
+                result: dict[str, Any] = {}
+
+                async def drive() -> None:
+                    result["summary"] = await engine.drive_run(run_id)
+
+                nursery.start_soon(drive)
+                while engine.progress(run_id).get("copying", 0) == 0:
+                    await trio.sleep(0.01)
+                rels = await site.query(volume="30016698")
+                assert len(rels) == 1 and rels[0].out_of_sync_tracks > 0
+                await engine.cancel(run_id)
+    summary = result["summary"]
+    assert summary.state == "cancelled" and summary.units == {"cancelled": 1}
+    assert await site.query(volume="30016698") == []
+    await assert_invariants(tmp_path, site)
+
+
+async def test_unknown_vm_and_vmfs_disk_fail_in_prepare_with_clear_message(tmp_path: Path, autojump_clock: Any) -> None:
+    site = load_lab(None)
+    text = """
+name: bad-disks
+units:
+  - vm: no-such-vm
+    disks: [{disk: Disk1, target: "30016698"}]
+  - vm: rich-w2k-os-1
+    disks: [{disk: Disk0, target: "30116698"}]
+"""
+    async with site.running():
+        async with engine_on(tmp_path, site) as engine:
+            summary = await run_workflow(engine, site, text)
+    assert summary.state == "failed"
+    reasons = sorted(summary.failures.values())
+    assert any("unknown_vm" in r and "no-such-vm" in r for r in reasons), reasons
+    assert any("not_raw_mapped" in r and "VMFS" in r for r in reasons), reasons
+    await assert_invariants(tmp_path, site)
+
+
+def test_state_table_drives_every_step() -> None:
+    """Every non-terminal, non-compensating state has exactly one handler in the engine."""
+    handled = set(Engine._steps)
+    assert handled == set(machine.NON_TERMINAL) - {"compensating"}
