@@ -400,6 +400,7 @@ class LocalSite:
         return await self.service.volumes()
 
     async def list_pools(self) -> dict[str, tuple[str, ...]]:
+        await trio.lowlevel.checkpoint()
         return self.pools
 
     async def get_volume(self, serial: str) -> VolumeInfo:
