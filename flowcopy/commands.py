@@ -18,10 +18,11 @@ from rich.live import Live
 
 from flowcopy import logs, runner, views
 from flowcopy.engine import Engine, RunSummary
-from flowcopy.journal import Journal, JournalCorrupt, StoreLocked
+from flowcopy.journal import Journal, JournalCorrupt, JournalError
+from flowcopy.planning import PlanError
 from flowcopy.site.api import SiteError
 
-EXPECTED = (StoreLocked, JournalCorrupt, SiteError, OSError)
+EXPECTED = (JournalError, SiteError, OSError, PlanError)
 
 
 def _err(message: str) -> int:

@@ -138,7 +138,6 @@ TRANSITIONS: tuple[Transition, ...] = (
         "prepared",
         "after reconciliation: the freeze is thawed (and any inconsistent copy withdrawn); freeze again",
     ),
-    Transition("retry_prepare", ("preparing",), "pending", "prepare again from the start"),
     Transition("fail", _FAILABLE, "compensating", "intent: undo after a failure"),
     Transition("cancel", _FAILABLE, "compensating", "intent: undo after a cancel"),
     Transition("compensated", ("compensating",), "failed"),

@@ -305,7 +305,7 @@ async def test_crash_hook_propagates_to_writer_and_every_waiter(tmp_path: Path) 
             journal.crash_hook = hook
             nursery.start_soon(rec, Move("r1/u0", "prepared", "freezing", "freeze"))
             nursery.start_soon(rec, Move("r1/u1", "prepared", "freezing", "freeze"))
-            nursery.start_soon(rec, Move("r1/u2", "preparing", "pending", "retry_prepare"))
+            nursery.start_soon(rec, Move("r1/u2", "prepared", "freezing", "freeze"))
     assert returned == []  # nobody returned normally
     assert len(crashed) == 3
     leaves = info.value.exceptions
@@ -318,7 +318,7 @@ async def test_crash_hook_propagates_to_writer_and_every_waiter(tmp_path: Path) 
 
     # the batch that tripped the hook IS durable: the crash came after the commit
     with Journal.open(store) as after:
-        assert [u.state for u in after.units("r1")] == ["freezing", "freezing", "prepared"]
+        assert [u.state for u in after.units("r1")] == ["freezing", "freezing", "freezing"]
 
 
 async def test_run_crash_hook(tmp_path: Path) -> None:
