@@ -30,7 +30,7 @@ import os
 import sqlite3
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -500,7 +500,7 @@ async def open_site(
     speed: float = 1.0,
     *,
     clock: str | None = None,
-    workloads: bool = True,
+    workloads: bool | Sequence[str] = True,
     latency: Any = None,
     compact_every: int = DEFAULT_COMPACT_EVERY,
     threaded: bool | None = None,
@@ -509,7 +509,8 @@ async def open_site(
 
     `clock`: "wall" (site time runs with wall time, across restarts), "trio" (trio's
     clock; what tests on a MockClock want), or None to pick "trio" exactly under a
-    MockClock. `workloads`: run the lab's autostart guest workloads while open.
+    MockClock. `workloads`: run the lab's autostart guest workloads while open (or
+    these, by name; False: none).
     `threaded`: commit in a worker thread (default: not under a MockClock, where a
     thread would let the clock autojump while the disk works).
     """
