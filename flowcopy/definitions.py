@@ -27,8 +27,8 @@ business, not this module's.
 from __future__ import annotations
 
 import difflib
+import io
 import re
-import types
 import zoneinfo
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -306,7 +306,6 @@ class PoolTarget:
 
 Target = Union[SerialTarget, VmDiskTarget, RotateTarget, PoolTarget]
 FixedTarget = Union[SerialTarget, VmDiskTarget]
-_TARGET_CLASSES: tuple[type, ...] = (SerialTarget, VmDiskTarget, RotateTarget, PoolTarget)
 
 
 @attrs.frozen(kw_only=True)
@@ -1219,11 +1218,8 @@ def _document_keys(cls: type) -> list[str]:
 
 def dump_text(workflow: Workflow) -> str:
     """A workflow as YAML text that `load_text` reads back into an equal workflow."""
-    import io
-
     yaml = YAML(typ="safe", pure=True)
     yaml.default_flow_style = False
-    yaml.sort_base_mapping_type_on_output = False  # type: ignore[attr-defined]
     out = io.StringIO()
     yaml.dump(unstructure(workflow), out)
     return out.getvalue()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import textwrap
 from datetime import datetime, timezone
 from pathlib import Path
@@ -623,9 +624,6 @@ def test_duration_format_is_parse_inverse(seconds: float) -> None:
 
 # --------------------------------------------------------------------------- random input
 
-_serials = iter(range(30_000_000, 99_999_999))
-
-
 @st.composite
 def valid_documents(draw: st.DrawFn) -> dict[str, Any]:
     """Documents valid by construction: distinct VMs, disks and targets; consistent modes."""
@@ -679,7 +677,7 @@ def valid_documents(draw: st.DrawFn) -> dict[str, Any]:
 def _yaml_text(doc: Any) -> str:
     out = io.StringIO()
     yaml = YAML(typ="safe", pure=True)
-    yaml.default_flow_style = draw_flow = False  # noqa: F841
+    yaml.default_flow_style = False
     yaml.dump(doc, out)
     return out.getvalue()
 
@@ -694,7 +692,12 @@ def _assert_only_definition_error(text: str | bytes) -> Workflow | None:
         return None
 
 
-_FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# FLOWCOPY_FUZZ_EXAMPLES=5000 for a deeper hand run; the suite's default stays quick
+_FUZZ = settings(
+    max_examples=int(os.environ.get("FLOWCOPY_FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 @_FUZZ
