@@ -1,0 +1,134 @@
+"""Deterministic crash tests: the engine dies right after each kind of journal write.
+
+The journal's crash hook raises `SimulatedCrash` (a BaseException, like SIGKILL: no
+compensation, no cleanup) after the batch holding the chosen move committed and before
+its waiter goes on to the next side effect. A new engine then opens the same store
+against the same site — which lived on, as a served site would — and resumes. The
+invariants of DESIGN §4 are checked from the journal and the site's own state, with and
+without site time passing between the crash and the restart (freezes time out, ELB
+holds expire).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from flowcopy import chaos, definitions, machine, planning
+from flowcopy.journal import Journal, Move, SimulatedCrash
+from flowcopy.site import api
+from flowcopy.site.inventory import load_lab
+
+from .test_engine import THREE_PAIRS, WORKFLOWS, FailingSite, engine_on
+
+SCENARIO_2 = (WORKFLOWS / "20-sql-consistency-group.yaml").read_text()
+ROTATION = (WORKFLOWS / "40-hourly-rotation.yaml").read_text()
+
+# which workflow (and which misbehaviour of the site) makes the engine write each kind
+HAPPY = ["prepare", "prepared", "freeze", "frozen", "establish", "established", "release",
+         "released", "copy", "copied", "withdraw", "succeed"]
+SCENARIOS: dict[str, tuple[str, str]] = {
+    **{t: (SCENARIO_2, "normal") for t in HAPPY},
+    "redo": (SCENARIO_2, "slow_establish"),
+    "fail": (THREE_PAIRS, "refuse_third"),
+    "compensated": (THREE_PAIRS, "refuse_third"),
+    "cancel": (ROTATION, "cancel_mid_copy"),
+    "compensated_cancel": (ROTATION, "cancel_mid_copy"),
+    "begin_run": (SCENARIO_2, "normal"),
+    "finish_run": (SCENARIO_2, "normal"),
+}
+
+
+def test_every_kind_of_journal_write_is_crash_tested() -> None:
+    assert set(SCENARIOS) == {t.trigger for t in machine.TRANSITIONS} | {"begin_run", "finish_run"}
+
+
+def misbehaving(inner: Any, how: str) -> Any:
+    if how == "refuse_third":
+        def refuse(source: str, target: str, options: api.FlashOptions) -> Exception | None:
+            return api.SizeMismatch(f"cannot establish {source} -> {target}: refused") if target == "30116698" else None
+
+        return FailingSite(inner, {"establish": refuse})
+    site = FailingSite(inner, {})
+    if how == "slow_establish":
+        calls = {"n": 0}
+
+        async def slow(*args: Any, **kwargs: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                await trio.sleep(40)  # beyond the 20 s freeze timeout of scenario 2
+            return await inner.establish(*args, **kwargs)
+
+        site.establish = slow  # type: ignore[attr-defined]
+    return site
+
+
+async def first_run(store: Path, site: Any, text: str, how: str, crash_at: str) -> bool:
+    """Run until the crash point; True if the crash happened."""
+    wf = definitions.load_text(text, "crash.yaml")
+    crashed = False
+
+    def hook(move: Move) -> None:
+        if move.event == crash_at:
+            raise SimulatedCrash(f"after {crash_at}")
+
+    def run_hook(kind: str, run_id: str) -> None:
+        if kind == crash_at:
+            raise SimulatedCrash(f"after {kind}")
+
+    try:
+        async with engine_on(store, site) as engine:
+            engine.journal.crash_hook = hook
+            engine.journal.run_crash_hook = run_hook
+            specs = await planning.plan_units(wf, site)
+            run_id = await engine.begin_run(wf.name, planning.definition_data(wf), specs)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(engine.drive_run, run_id)
+                if how == "cancel_mid_copy":
+                    while engine.progress(run_id).get("copying", 0) == 0:
+                        await trio.sleep(0.01)
+                    await engine.cancel(run_id)
+    except BaseException as exc:  # noqa: BLE001 - a crash arrives wrapped in exception groups
+        if not _only_crashes(exc):
+            raise
+        crashed = True
+    return crashed
+
+
+def _only_crashes(exc: BaseException) -> bool:
+    if isinstance(exc, SimulatedCrash):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_crashes(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
+
+
+@pytest.mark.parametrize("pause", [0.0, 300.0], ids=["restart-at-once", "restart-after-300s"])
+@pytest.mark.parametrize("crash_at", sorted(SCENARIOS))
+async def test_crash_after_journal_write_then_resume(
+    tmp_path: Path, autojump_clock: Any, crash_at: str, pause: float
+) -> None:
+    text, how = SCENARIOS[crash_at]
+    inner = load_lab(None)
+    async with inner.running():
+        site = misbehaving(inner, how)
+        assert await first_run(tmp_path, site, text, how, crash_at), f"no {crash_at} was ever written"
+        await trio.sleep(pause)
+        async with engine_on(tmp_path, site) as engine:
+            summaries = await engine.resume()
+        journal = Journal.open(tmp_path, lock=False)
+        try:
+            verdict = await chaos.check_invariants(journal, inner)
+            runs = journal.runs()
+        finally:
+            journal.close()
+    assert verdict.problems == ()
+    assert len(runs) == 1 and runs[0].state != "running"
+    if crash_at != "finish_run":
+        assert [s.run_id for s in summaries] == [runs[0].run_id]
+    expected = {"normal": "succeeded", "slow_establish": "succeeded", "refuse_third": "failed",
+                "cancel_mid_copy": "cancelled"}[how]
+    assert runs[0].state == expected
