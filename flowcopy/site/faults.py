@@ -233,6 +233,7 @@ class FaultySite:
 
     def set_plan(self, plan: FaultPlan, *, notify: bool = True) -> None:
         self._plan = plan.validate()
+        self._empty = self._plan.empty  # checked on every call: computed once here
         self._rng = random.Random(plan.seed)
         self._stuck.clear()
         if notify and self._on_change is not None:
@@ -251,7 +252,7 @@ class FaultySite:
 
     async def _call(self, operation: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         plan = self._plan
-        if plan.empty:
+        if self._empty:
             return await getattr(self.inner, operation)(*args, **kwargs)
         bound = _SIGNATURES[operation].bind(None, *args, **kwargs).arguments
         lat = plan.latency

@@ -30,7 +30,7 @@ import os
 import sqlite3
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -469,14 +469,16 @@ class _StateLock:
         os.close(self._fd)
 
 
-def _lab_name(lab: str | Path | None) -> str | None:
+def _lab_name(lab: Any) -> str | None:
     if lab is None:
         return None
+    if isinstance(lab, Mapping):
+        return f"<lab document {lab.get('lab', 'lab')!s}>"
     p = Path(lab)
     return str(p.resolve()) if p.exists() else str(lab)
 
 
-def _build_new(lab: str | Path | None, **site_kwargs: Any) -> tuple[Any, Any]:
+def _build_new(lab: Any, **site_kwargs: Any) -> tuple[Any, Any]:
     """A new LocalSite from the lab, and the plan of the lab's `faults:` section.
 
     The fault section belongs to this module, not to the inventory: it is taken out of
@@ -485,7 +487,10 @@ def _build_new(lab: str | Path | None, **site_kwargs: Any) -> tuple[Any, Any]:
     from flowcopy.site import inventory
     from flowcopy.site.faults import plan_from_data
 
-    doc, source = inventory.read_lab(lab)
+    if isinstance(lab, Mapping):  # a generated lab (inventory.generate_lab_spec)
+        doc, source = dict(lab), _lab_name(lab) or "<lab>"
+    else:
+        doc, source = inventory.read_lab(lab)
     faults_data = None
     if isinstance(doc, dict) and "faults" in doc:
         faults_data = doc.pop("faults")
@@ -496,7 +501,7 @@ def _build_new(lab: str | Path | None, **site_kwargs: Any) -> tuple[Any, Any]:
 @asynccontextmanager
 async def open_site(
     state_dir: str | Path,
-    lab: str | Path | None = None,
+    lab: str | Path | Mapping[str, Any] | None = None,
     speed: float = 1.0,
     *,
     clock: str | None = None,
@@ -506,6 +511,9 @@ async def open_site(
     threaded: bool | None = None,
 ) -> AsyncIterator[DurableSite]:
     """The durable site in `state_dir`: created from `lab` the first time, restored after.
+
+    `lab`: a lab file, a packaged lab's name, a lab document (plain data), or None for
+    the seed's default lab; ignored when the state exists (refused if it names another).
 
     `clock`: "wall" (site time runs with wall time, across restarts), "trio" (trio's
     clock; what tests on a MockClock want), or None to pick "trio" exactly under a
