@@ -431,6 +431,7 @@ def test_admin_commands_against_a_served_process(tmp_path: Path) -> None:
         primed = json.loads(run("prime", "--host", "esx1", "--json").output)
         assert any(d["primed_name"] == "vm1:/data" for d in primed)
         assert json.loads(run("lshost", "--json").output)[0]["name"] == "esx1"
+        assert json.loads(run("lspool", "--json").output) == {}
         result = run("mktask", "t1", "--pair", "10014698:10114698", "--pair", "10013698:10113698", "--nocp")
         assert result.exit_code == 0, result.output
         result = run("exec-task", "t1", "--json")

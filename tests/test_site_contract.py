@@ -137,6 +137,13 @@ async def test_volumes(site: api.Site, autojump_clock: object) -> None:
     assert caught.value.kind == "unknown_volume"
 
 
+async def test_pools(site: api.Site, autojump_clock: object) -> None:
+    pools = await site.list_pools()
+    assert pools["spare-256m"] == tuple(SPARES)
+    assert pools["incremental"] == (INCR, "36116698")
+    assert set(pools) == {"spare-256m", "spare-128m", "rotation-12", "incremental"}
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -427,6 +434,7 @@ async def test_local_and_served_answer_the_same_in_lockstep(tmp_path: Path, auto
             lambda s: s.list_disks("esx-x445"),
             lambda s: s.prime("esx-x445"),
             lambda s: s.list_volumes(),
+            lambda s: s.list_pools(),
             lambda s: s.get_volume("nope"),
             lambda s: s.write(E1, 12345, b"lockstep" * 99),
             lambda s: s.establish(E1, E2, FlashOptions(freeze=True, tag="ls")),

@@ -222,6 +222,19 @@ async def lsvol(client: SiteClient, as_json: bool) -> None:
            [(v.serial, v.lss, _size(v.capacity), _yn(v.online), v.label) for v in vols])
 
 
+@site_group.command("lspool")
+@site_options
+@json_option
+@with_client
+async def lspool(client: SiteClient, as_json: bool) -> None:
+    """List the lab's pools of spare target volumes."""
+    pools = await client.list_pools()
+    if as_json:
+        _emit_json(pools)
+        return
+    _table(None, ["Pool", "Volumes", "Serials"], [(name, len(v), " ".join(v)) for name, v in sorted(pools.items())])
+
+
 @site_group.command("lsflash")
 @click.option("--volume", default=None, help="Only relationships of this volume.")
 @click.option("--seqnum", "tag", default=None, help="Only relationships with this sequence number / tag.")

@@ -171,6 +171,9 @@ class SiteClient:
     async def list_volumes(self) -> list[api.VolumeInfo]:
         return await self._get("/volumes", list[api.VolumeInfo])
 
+    async def list_pools(self) -> dict[str, tuple[str, ...]]:
+        return await self._get("/pools", dict[str, tuple[str, ...]])
+
     async def get_volume(self, serial: str) -> api.VolumeInfo:
         return await self._get(f"/volumes/{_q(serial)}", api.VolumeInfo)
 

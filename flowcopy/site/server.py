@@ -184,6 +184,9 @@ def build_app(site: api.Site, *, token: str, faults: FaultySite | None = None) -
     async def volumes(request: Request) -> Any:
         return await site.list_volumes()
 
+    async def pools(request: Request) -> Any:
+        return await site.list_pools()
+
     async def volume(request: Request) -> Any:
         return await site.get_volume(request.path_params["serial"])
 
@@ -325,6 +328,7 @@ def build_app(site: api.Site, *, token: str, faults: FaultySite | None = None) -
     routes = [
         Route(f"{r}/time", endpoint(time_), methods=["GET"]),
         Route(f"{r}/volumes", endpoint(volumes), methods=["GET"]),
+        Route(f"{r}/pools", endpoint(pools), methods=["GET"]),
         Route(f"{r}/volumes/{{serial}}", endpoint(volume), methods=["GET"]),
         Route(f"{r}/volumes/{{serial}}/data", endpoint(read), methods=["GET"]),
         Route(f"{r}/volumes/{{serial}}/data", endpoint(write), methods=["PUT", "POST"]),
