@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 
 import attrs
 
@@ -112,7 +113,69 @@ async def check_invariants(journal: Journal, site: Site, *, recheck_images: bool
     return Verdict(tuple(problems), len(runs), len(units), kept, checked)
 
 
+def _has_run(store: Path) -> bool:
+    if not (store / "journal.sqlite").exists():
+        return False
+    try:
+        journal = Journal.open(store, lock=False)
+    except Exception:  # noqa: BLE001 - a store killed before its first migration
+        return False
+    try:
+        return bool(journal.runs())
+    finally:
+        journal.close()
+
+
 def summarize(verdicts: Iterable[Verdict]) -> str:
     vs = list(verdicts)
     bad = [p for v in vs for p in v.problems]
     return f"{len(vs)} checks, {len(bad)} problems" + ("" if not bad else ": " + "; ".join(bad[:5]))
+
+
+# --------------------------------------------------------------------------- the kill loop
+
+
+async def kill_loop(
+    argv_first: list[str],
+    argv_resume: list[str],
+    *,
+    store: Path,
+    kills: int,
+    min_delay: float,
+    max_delay: float,
+    seed: int = 0,
+    env: dict[str, str] | None = None,
+) -> tuple[int, int, int, str]:
+    """Start the engine, SIGKILL it after a random delay, `kills` times; then let it finish.
+
+    Until the store holds a run, each process runs `argv_first` (e.g. `flowcopy run
+    FILE`); after that `argv_resume` (`flowcopy resume`). Delays are drawn from a seeded RNG so a failing
+    run can be replayed. Returns (kills done, processes started, last exit code, last stdout).
+    """
+    import os
+    import random
+    import signal
+    import subprocess
+
+    import trio
+
+    rng = random.Random(seed)
+    done = 0
+    started = 0
+    environment = {**os.environ, **(env or {})}
+    while done < kills:
+        argv = argv_resume if _has_run(store) else argv_first
+        started += 1
+        proc = await trio.lowlevel.open_process(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
+        delay = rng.uniform(min_delay, max_delay)
+        with trio.move_on_after(delay):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+            done += 1
+        elif _has_run(store):
+            break  # it finished before we could kill it: nothing left to kill
+    argv = argv_resume if _has_run(store) else argv_first
+    result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False, env=environment)
+    return done, started + 1, result.returncode, result.stdout.decode() + result.stderr.decode()[-3000:]

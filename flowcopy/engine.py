@@ -371,9 +371,11 @@ class Engine:
 
     async def _step_prepared(self, unit: Unit) -> None:
         attempts = int(unit.data.get("freeze_attempts", 0))
-        if attempts >= unit.spec.max_freeze_attempts:
+        lost = int(unit.data.get("freezes_lost", 0))
+        if lost >= unit.spec.max_freeze_attempts:
+            # only freezes seen lost count: a redo because the engine died is not the guest's fault
             raise UnitFailed(
-                f"gave up after {attempts} freeze attempts: {unit.data.get('last_freeze_problem', 'freeze lost')}",
+                f"gave up after {lost} lost freezes: {unit.data.get('last_freeze_problem', 'freeze lost')}",
                 kind="freeze_lost",
             )
         await self._move(unit, "freeze", data={"freeze_attempts": attempts + 1, "freezes": {}})
@@ -448,14 +450,17 @@ class Engine:
         if t0 is not None:
             self.freeze_windows.append(trio.current_time() - t0)
 
-    async def _redo_freeze(self, unit: Unit, problem: str) -> None:
+    async def _redo_freeze(self, unit: Unit, problem: str, *, lost: bool = True) -> None:
         """The copy is not consistent: withdraw what this attempt made, thaw, and go again."""
         log.warning("freeze lost, redoing", run=unit.run_id, unit=unit.unit_id, problem=problem)
         if unit.spec.mode != "incremental":
             await stages.withdraw_tagged(self.site, unit.tag)
         await stages.unfreeze_quietly(self.site, unit.pairs) if stages.needs_array_freeze(unit.spec, unit.pairs) else None
         await stages.thaw_all(self.site, unit.spec)
-        await self._move(unit, "redo", data={"last_freeze_problem": problem}, payload={"problem": problem})
+        data: dict[str, Any] = {"last_freeze_problem": problem}
+        if lost:
+            data["freezes_lost"] = int(unit.data.get("freezes_lost", 0)) + 1
+        await self._move(unit, "redo", data=data, payload={"problem": problem})
 
     async def _do_release(self, unit: Unit) -> None:
         await self._stage(unit, "release", lambda: stages.release(self.site, unit.spec, unit.pairs))
@@ -587,7 +592,7 @@ class Engine:
             await self._redo_freeze(unit, "; ".join(problems))
             return
         await self._redo_freeze(unit, "establish outcome unknown after restart: " + (
-            f"{len(present)} of {len(wanted)} relationships present" if present else "no relationship present"))
+            f"{len(present)} of {len(wanted)} relationships present" if present else "no relationship present"), lost=False)
 
     async def _resume_established(self, unit: Unit) -> None:
         await self._move(unit, "release")

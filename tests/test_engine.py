@@ -218,7 +218,7 @@ async def test_freeze_lost_in_guest_is_redone(tmp_path: Path, autojump_clock: An
     assert summary.state == "succeeded" and summary.verified
     redo = [p for e, p in events if e == "redo"]
     assert len(redo) == 1 and "guest's own timeout" in redo[0]["problem"]
-    assert unit.data["freeze_attempts"] == 2
+    assert unit.data["freeze_attempts"] == 2 and unit.data["freezes_lost"] == 1
     await assert_invariants(tmp_path, inner)
 
 
@@ -236,7 +236,7 @@ async def test_freeze_lost_every_time_fails_with_reason(tmp_path: Path, autojump
             summary = await run_workflow(engine, site, WORKFLOWS / "10-w2k-e-drive.yaml")
     assert summary.state == "failed"
     (reason,) = summary.failures.values()
-    assert "gave up after 3 freeze attempts" in reason and "guest's own timeout" in reason
+    assert "gave up after 3 lost freezes" in reason and "guest's own timeout" in reason
     assert await inner.query(volume="20413698") == []
     await assert_invariants(tmp_path, inner)
 
