@@ -32,18 +32,41 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def _user_message(exc: BaseException) -> str | None:
+    """One line for an error the user can act on; None for a bug (keep its traceback)."""
+    from flowcopy.site.inventory import LabError
+    from flowcopy.site.persist import StateError
+
+    if isinstance(exc, api.SiteError):
+        return exc.message
+    if isinstance(exc, (_Fail, LabError, StateError)):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    return None
+
+
 def _run(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
     """Run an async command body; every error the user can act on is one line, exit 2."""
     try:
         return trio.run(fn, *args)
-    except api.SiteError as exc:
-        _fail(exc.message)
-    except _Fail as exc:
-        _fail(str(exc))
-    except OSError as exc:
-        _fail(str(exc))
     except KeyboardInterrupt:
         _fail("interrupted")
+    except BaseException as exc:
+        # trio wraps errors of nested nurseries in groups: report the first real one
+        for leaf in _leaves(exc):
+            if isinstance(leaf, KeyboardInterrupt):
+                _fail("interrupted")
+            message = _user_message(leaf)
+            if message is not None:
+                _fail(message)
+        raise
 
 
 def site_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -182,8 +205,6 @@ def site_group() -> None:
 def serve(lab: str | None, state_dir: Path | None, host: str, port: int, token_file: str | None, speed: float) -> None:
     """Serve the whole site (array, farm, workloads) over HTTP, with durable state."""
     from flowcopy import logs
-    from flowcopy.site.inventory import LabError
-    from flowcopy.site.persist import StateError
     from flowcopy.site.server import serve_state
 
     logs.configure(level="info")
@@ -194,18 +215,15 @@ def serve(lab: str | None, state_dir: Path | None, host: str, port: int, token_f
     state = state_dir or Path("store") / "site-served"
 
     async def main() -> None:
-        await serve_state(state, lab=lab, host=host, port=port, token_file=token_file, speed=speed)
+        try:
+            await serve_state(state, lab=lab, host=host, port=port, token_file=token_file, speed=speed)
+        except BaseException as exc:
+            for leaf in _leaves(exc):
+                if isinstance(leaf, OSError) and leaf.errno is not None and not leaf.filename:
+                    raise _Fail(f"cannot serve on {host}:{port}: {leaf.strerror}") from None
+            raise
 
-    try:
-        trio.run(main)
-    except (LabError, StateError) as exc:
-        _fail(str(exc))
-    except api.SiteError as exc:
-        _fail(exc.message)
-    except OSError as exc:
-        _fail(f"cannot serve on {host}:{port}: {exc.strerror or exc}")
-    except KeyboardInterrupt:
-        pass
+    _run(main)
 
 
 @site_group.command("lsvol")

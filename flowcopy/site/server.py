@@ -322,6 +322,10 @@ def build_app(site: api.Site, *, token: str, faults: FaultySite | None = None) -
                 await faults.set_plan_relative(plan)
         elif request.method == "DELETE":
             faults.clear()
+        if request.method != "GET":
+            sync = getattr(site, "sync", None)  # a durable site: the plan is committed before the reply
+            if sync is not None:
+                await sync()
         return {"plan": codec.unstructure(faults.plan), "injected": dict(faults.injected)}
 
     r = API
