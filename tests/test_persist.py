@@ -82,6 +82,7 @@ async def test_clean_close_snapshots_and_truncates_the_log(tmp_path: Path, autoj
     db = sqlite3.connect(tmp_path / "a" / STATE_FILE)
     assert db.execute("SELECT count(*) FROM log").fetchone()[0] == 0
     assert db.execute("SELECT upto FROM snapshot").fetchone()[0] >= 10
+    assert db.execute("PRAGMA freelist_count").fetchone()[0] == 0, "the truncated log's pages went back"
     db.close()
     async with open_site(tmp_path / "a", workloads=False) as restored:
         assert await observe(restored) == seen

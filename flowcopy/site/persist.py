@@ -236,7 +236,7 @@ class StateStore:
     def checkpoint(self) -> None:
         """Fold the WAL into the main file and free the truncated log's pages (after a compaction)."""
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self._db.execute("PRAGMA incremental_vacuum")
+        self._db.executescript("PRAGMA incremental_vacuum;")  # execute() would free one page per step
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
