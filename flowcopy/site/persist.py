@@ -152,14 +152,16 @@ class Loaded:
 class StateStore:
     """The SQLite file. Synchronous; exactly one thread uses it at a time (the writer)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, fsync: bool = True) -> None:
         self.path = path
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             # before the first table: lets a compaction hand freed pages back to the file system
             self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            # FULL: a commit survives power loss. NORMAL (tests on a MockClock only): a commit
+            # survives the process being killed, which is all an in-process test can do to it
+            self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise StateError(f"{path}: cannot open the site state: {exc}") from None
@@ -279,6 +281,8 @@ class MutationLog:
         self._threaded = threaded
         self._pending: list[tuple[int, float, str, str, str | bytes]] = []
         self._pending_meta: dict[str, Any] = {}
+        self._meta_set = 0  # set_meta calls so far, and how many of them are committed
+        self._meta_committed = 0
         self._appended = next_seq - 1
         self._committed = next_seq - 1
         self._since_snapshot = 0
@@ -313,19 +317,18 @@ class MutationLog:
     def set_meta(self, key: str, value: Any) -> None:
         """A metadata change (fault plan...) committed with the next batch."""
         self._pending_meta[key] = value
+        self._meta_set += 1
         self._work.set()
 
     async def sync(self) -> None:
         """Return once everything appended before this call is committed."""
-        target = self._appended
-        if self._pending_meta:
-            self._work.set()
-        while self._committed < target or self._pending_meta:
+        if self._closed:
+            raise api.SiteUnavailable("the site state is closed")
+        target, meta_target = self._appended, self._meta_set
+        while self._committed < target or self._meta_committed < meta_target:
             if self._failed is not None:
                 raise api.SiteUnavailable(f"site state cannot be saved: {self._failed}")
             await self._committed_event.wait()
-        if self._failed is not None and self._committed < target:
-            raise api.SiteUnavailable(f"site state cannot be saved: {self._failed}")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -351,6 +354,7 @@ class MutationLog:
     async def _flush_locked(self, *, snapshot: bool) -> None:
         batch, self._pending = self._pending, []
         meta, self._pending_meta = self._pending_meta, {}
+        meta_upto = self._meta_set
         snap: tuple[int, float, Any] | None = None
         if snapshot:
             # taken in the trio thread between two mutations: state == log up to _appended
@@ -369,6 +373,7 @@ class MutationLog:
             raise
         if batch:
             self._committed = batch[-1][0]
+        self._meta_committed = meta_upto
         self.commits += 1
         self.records += len(batch)
         self._wake()
@@ -509,6 +514,7 @@ async def open_site(
     latency: Any = None,
     compact_every: int = DEFAULT_COMPACT_EVERY,
     threaded: bool | None = None,
+    fsync: bool | None = None,
 ) -> AsyncIterator[DurableSite]:
     """The durable site in `state_dir`: created from `lab` the first time, restored after.
 
@@ -520,7 +526,9 @@ async def open_site(
     MockClock. `workloads`: run the lab's autostart guest workloads while open (or
     these, by name; False: none).
     `threaded`: commit in a worker thread (default: not under a MockClock, where a
-    thread would let the clock autojump while the disk works).
+    thread would let the clock autojump while the disk works). `fsync`: commits survive
+    power loss (`synchronous=FULL`); default: yes, except under a MockClock, where only
+    process death can be simulated and thousands of fsyncs would only slow tests down.
     """
     from flowcopy.site.faults import FaultPlan, FaultySite, NO_FAULTS
     from flowcopy.site.local import LocalSite
@@ -530,8 +538,11 @@ async def open_site(
     kind = clock or default_clock_kind()
     if kind not in ("wall", "trio"):
         raise api.BadRequest(f"clock must be 'wall' or 'trio', not {kind!r}")
+    mocked = isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
     if threaded is None:
-        threaded = not isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
+        threaded = not mocked
+    if fsync is None:
+        fsync = not mocked
     state_dir = Path(state_dir)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -540,7 +551,7 @@ async def open_site(
     lock = _StateLock(state_dir)
     store: StateStore | None = None
     try:
-        store = StateStore(state_dir / STATE_FILE)
+        store = StateStore(state_dir / STATE_FILE, fsync=fsync)
         loaded = await trio.to_thread.run_sync(store.load) if threaded else store.load()
         site_kwargs: dict[str, Any] = {"speed": speed}
         if latency is not None:
