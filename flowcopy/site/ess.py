@@ -478,7 +478,7 @@ class Array:
             return rel
         hint = ""
         if self._by_source.get(target, {}).get(source) is not None:
-            hint = f" (there is {target} -> {source}: the roles were swapped by a reverse)"
+            hint = f" (there is {target} -> {source})"
         raise RelationshipNotFound(
             f"cannot {verb} {source} -> {target}: no such relationship{hint}", source=source, target=target
         )
@@ -635,24 +635,28 @@ class Array:
             self._settle(rel, now)
 
     def extents(self, serial: str, *, now: float) -> list[Extent]:
-        """Byte ranges that may hold non-zero data as a host reads them now; all else is zeros."""
+        """Byte ranges holding data as a host reads them now; everything else reads as zeros.
+
+        Each written track contributes the span from its first to its last non-zero byte,
+        so zero runs inside a track may be covered; ranges are merged and sorted.
+        """
         vol = self._vol(serial)
         self._check_online(vol, f"cannot read {serial}: ")
-        tracks: dict[int, int] = {t: len(b) for t, b in vol.tracks.items()}
+        tracks: dict[int, bytes] = dict(vol.tracks)
         rel = self._by_target.get(serial)
         if rel is not None:
             for t, b in self._vols[rel.source].tracks.items():
                 if not rel.copied(t):
-                    tracks[t] = len(b)
+                    tracks[t] = b
         out: list[Extent] = []
         for t in sorted(tracks):
-            if not tracks[t]:
-                continue
-            offset = t * TRACK_SIZE
+            stored = tracks[t]
+            lead = len(stored) - len(stored.lstrip(b"\0"))  # stored tracks are trimmed at the end only
+            offset, end = t * TRACK_SIZE + lead, t * TRACK_SIZE + len(stored)
             if out and out[-1].offset + out[-1].length == offset:
-                out[-1] = Extent(offset=out[-1].offset, length=out[-1].length + tracks[t])
+                out[-1] = Extent(offset=out[-1].offset, length=end - out[-1].offset)
             else:
-                out.append(Extent(offset=offset, length=tracks[t]))
+                out.append(Extent(offset=offset, length=end - offset))
         return out
 
     # ------------------------------------------------------------------ FlashCopy
