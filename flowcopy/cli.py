@@ -144,3 +144,17 @@ def schema() -> None:
 from flowcopy.site.admin import site_group  # noqa: E402
 
 main.add_command(site_group)
+
+
+# ---- demo -------------------------------------------------------------------------
+
+
+@main.command()
+def demo() -> None:
+    """Show a FlashCopy point-in-time copy on the seed's LUNs 20313698 -> 20413698."""
+    from rich.console import Console
+
+    from flowcopy.site.demo import array_demo
+
+    if not array_demo(Console()):
+        _fail("demo: the target does not hold the point-in-time image of the source")

@@ -576,3 +576,21 @@ def test_thousand_one_tib_volumes_with_sparse_writes_fit_in_200_mib() -> None:
     assert traced < 200 * 2**20, traced
     print(f"\n1,000 x 1 TiB volumes, 3 sparse writes each, 500 nocopy pairs: "
           f"deep size {deep / 2**20:.1f} MiB, traced {traced / 2**20:.1f} MiB")
+
+
+def test_demo_shows_the_point_in_time_image() -> None:
+    import io
+
+    from click.testing import CliRunner
+    from rich.console import Console
+
+    from flowcopy.cli import main
+    from flowcopy.site.demo import array_demo
+
+    out = io.StringIO()
+    assert array_demo(Console(file=out, width=160)) is True
+    text = out.getvalue()
+    assert "payroll.csv: 2026-12 Alice 9999" in text and "payroll.csv: 2026-11 Alice 4100" in text
+    assert "Target 20413698 still holds the point-in-time image of 20313698" in text
+    result = CliRunner().invoke(main, ["demo"])
+    assert result.exit_code == 0 and "still holds the point-in-time image" in result.output
