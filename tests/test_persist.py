@@ -278,3 +278,13 @@ async def test_fault_plan_from_the_lab_and_its_persistence(tmp_path: Path, autoj
     with pytest.raises(api.BadRequest, match="error_rate must be between 0 and 1"):
         async with open_site(tmp_path / "b", lab=bad, workloads=False):
             pass
+
+
+async def test_bench_embedded_runs_the_same_units_on_both_sites() -> None:
+    from flowcopy.site.persist import bench_embedded
+
+    plain, durable, closing = await bench_embedded(20, concurrency=5)
+    assert plain["name"] == "plain LocalSite" and durable["name"] == "durable site"
+    assert durable["mutations"] == 20 * 7, "quiesce, 2 establishes, unfreeze, thaw, 2 withdraws per VM"
+    assert 0 < durable["commits"] <= durable["mutations"]
+    assert closing["reopen_seconds"] > 0

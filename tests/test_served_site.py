@@ -446,3 +446,13 @@ def test_admin_commands_against_a_served_process(tmp_path: Path) -> None:
         result = run("lsvol", "--token-file", str(tmp_path / "wrong"))
         assert result.exit_code == 2 and result.output == "flowcopy site: wrong bearer token\n"
         assert served.stop() == 0
+
+
+async def test_bench_reports_http_and_direct_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flowcopy.site.server import run_bench
+
+    monkeypatch.delenv("FLOWCOPY_SITE", raising=False)
+    results = await run_bench(None, None, calls=20, concurrency=2)
+    names = [r["name"] for r in results]
+    assert "http get_volume" in names and "direct establish+withdraw (2 calls)" in names
+    assert all(r["per_second"] > 0 for r in results if r["calls"] and r["concurrency"])

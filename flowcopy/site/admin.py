@@ -477,11 +477,25 @@ async def faults(client: SiteClient, plan_file: Any, absolute: bool, clear: bool
 @click.option("--token-file", envvar=ENV_TOKEN_FILE, default=None)
 @click.option("--calls", type=int, default=2000, show_default=True, help="Calls per measurement.")
 @click.option("--concurrency", type=int, default=16, show_default=True, help="Concurrent callers for the parallel figures.")
+@click.option("--vms", type=int, default=0, help="Instead: engine-like traffic for this many VMs, plain vs durable embedded site.")
 @click.option("--json", "as_json", is_flag=True)
-def bench(site_url: str | None, token_file: str | None, calls: int, concurrency: int, as_json: bool) -> None:
+def bench(site_url: str | None, token_file: str | None, calls: int, concurrency: int, vms: int, as_json: bool) -> None:
     """Per-call overhead over loopback: calls/s for cheap reads and for establish+withdraw."""
     from flowcopy.site.server import run_bench
 
+    if vms > 0:
+        from flowcopy.site.persist import bench_embedded
+
+        rows = _run(functools.partial(bench_embedded, vms))
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        _table("flowcopy site bench --vms", ["measurement", "VMs", "seconds", "VMs/s", "mutations/s", "commits"], [
+            (r["name"], r["vms"], f"{r['seconds']:.2f}", f"{r.get('vms_per_second', 0):.0f}",
+             f"{r.get('mutations_per_second', 0):.0f}", r.get("commits", "-"))
+            for r in rows
+        ])
+        return
     results = _run(functools.partial(run_bench, site_url, token_file, calls=calls, concurrency=concurrency))
     if as_json:
         click.echo(json.dumps(results, indent=2))
