@@ -3,6 +3,7 @@ returns plain data the CLI prints as a table or JSON."""
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import uuid
@@ -11,7 +12,7 @@ from typing import Any
 
 import trio
 
-from flowcopy.journal import Journal, Move, RunRow, UnitRow
+from flowcopy.journal import Journal, Move, RunRow, SimulatedCrash, UnitRow
 from flowcopy.machine import FORWARD_PATH, TRANSITIONS
 
 # --------------------------------------------------------------------------- journal
@@ -130,6 +131,200 @@ def journal_rate(
         }
 
     return trio.run(main)
+
+
+# --------------------------------------------------------------------------- engine
+
+BENCH_WORKFLOW = """
+name: bench
+quiesce: filesystem
+units:
+  - selector: {backup: nightly}
+    mode: copy
+    disks:
+      - {disk: Disk1, target: {pool: targets}}
+      - {disk: Disk2, target: {pool: targets}}
+    copy: {action: wait}
+"""
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _bench_site(vms: int, capacity: int = 4 << 20) -> Any:
+    """Small LUNs keep the background copy (site time) short; establish is O(1) anyway."""
+    from flowcopy.site.inventory import generate_lab
+    from flowcopy.site.local import Latency
+
+    return generate_lab(vms, 16, capacity=capacity, latency=Latency.zero(), workloads=min(vms, 10))
+
+
+async def _engine_run(store: Path, vms: int, *, trace_memory: bool = False) -> dict[str, Any]:
+    """One run of `vms` VMs against the in-process site with zero latency."""
+    import tracemalloc
+
+    from flowcopy import definitions, planning
+    from flowcopy.engine import Engine, Limits
+
+    site = _bench_site(vms)
+    wf = definitions.load_text(BENCH_WORKFLOW, "bench.yaml")
+    out: dict[str, Any] = {"vms": vms}
+    async with site.running():
+        journal = Journal.open(store)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(journal.run_writer)
+                engine = Engine(journal, site, store=store, limits=Limits(units=vms), poll=0.05)
+                specs = await planning.plan_units(wf, site)
+                run_id = await engine.begin_run(wf.name, planning.definition_data(wf), specs)
+                tracemalloc.start() if trace_memory else None
+                start = time.perf_counter()
+                summary = await engine.drive_run(run_id)
+                elapsed = time.perf_counter() - start
+                _, peak = tracemalloc.get_traced_memory() if trace_memory else (0, 0)
+                tracemalloc.stop() if trace_memory else None
+                out.update(
+                    seconds=round(elapsed, 3),
+                    vms_per_s=round(vms / elapsed, 1),
+                    succeeded=summary.units.get("succeeded", 0),
+                    verified=summary.verified,
+                    freeze_window_p50_ms=round(_percentile(engine.freeze_windows, 0.5) * 1000, 2),
+                    freeze_window_p99_ms=round(_percentile(engine.freeze_windows, 0.99) * 1000, 2),
+                    peak_kib_per_unit=round(peak / 1024 / vms, 1),
+                    journal_transactions=journal.transactions,
+                    journal_moves=journal.moves_committed,
+                )
+                nursery.cancel_scope.cancel()
+        finally:
+            journal.close()
+    return out
+
+
+async def _recovery(store: Path, vms: int) -> dict[str, Any]:
+    """Crash the engine once every unit is in flight, then time a new engine's reconciliation.
+
+    The crash comes when half the units have started their copy stage, so units stand
+    in every state of the table. `reconciled_s` is the time until every unit in flight
+    at the crash has journaled its first move after the restart (for a unit caught in
+    its background copy: the copy's end, at most 0.7 s of site time later).
+    """
+    from flowcopy import definitions, planning
+    from flowcopy.engine import Engine, Limits
+
+    site = _bench_site(vms, capacity=64 << 20)
+    wf = definitions.load_text(BENCH_WORKFLOW, "bench.yaml")
+    async with site.running():
+        journal = Journal.open(store)
+        copying = 0
+
+        def hook(move: Move) -> None:
+            nonlocal copying
+            if move.event == "copy":
+                copying += 1
+                if copying >= max(1, vms // 2):
+                    raise SimulatedCrash("benchmark: half the units are copying")
+
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(journal.run_writer)
+                journal.crash_hook = hook
+                engine = Engine(journal, site, store=store, limits=Limits(units=vms), poll=0.05)
+                specs = await planning.plan_units(wf, site)
+                run_id = await engine.begin_run(wf.name, planning.definition_data(wf), specs)
+                await engine.drive_run(run_id)
+        except BaseException as exc:  # noqa: BLE001 - the crash arrives in exception groups
+            if not _crashed(exc):
+                raise
+        finally:
+            journal.close()
+        in_flight = len(Journal.open(store, lock=False).unfinished_units())
+        start = time.perf_counter()
+        wall0 = time.time()
+        journal = Journal.open(store)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(journal.run_writer)
+                engine = Engine(journal, site, store=store, limits=Limits(units=vms), poll=0.05)
+                summaries = await engine.resume()
+                total = time.perf_counter() - start
+                firsts: dict[str, float] = {}
+                for event in journal.events(run_id=summaries[0].run_id):
+                    if event.time >= wall0 and event.unit_id not in firsts:
+                        firsts[event.unit_id] = event.time
+                nursery.cancel_scope.cancel()
+        finally:
+            journal.close()
+    return {
+        "in_flight_units": in_flight,
+        "reconciled_s": round(max(firsts.values()) - wall0, 3) if firsts else None,
+        "resume_to_done_s": round(total, 3),
+        "succeeded": summaries[0].units.get("succeeded", 0),
+    }
+
+
+def _crashed(exc: BaseException) -> bool:
+    if isinstance(exc, SimulatedCrash):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_crashed(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
+
+
+def site_figures() -> dict[str, Any]:
+    """Establish time for 1 GiB vs 1 TiB and copy-on-write overhead per source write."""
+    from flowcopy.site.api import TRACK_SIZE, CopyMode, FlashOptions
+    from flowcopy.site.ess import Array
+
+    out: dict[str, Any] = {}
+    for name, size in (("1GiB", 1 << 30), ("1TiB", 1 << 40)):
+        array = Array()
+        array.add_volume("10010698", lss="10", capacity=size)
+        array.add_volume("10110698", lss="10", capacity=size)
+        start = time.perf_counter()
+        array.establish("10010698", "10110698", FlashOptions(), now=0.0)
+        out[f"establish_{name}_us"] = round((time.perf_counter() - start) * 1e6, 1)
+    array = Array()
+    for serial in ("10010698", "10110698", "10210698"):
+        array.add_volume(serial, lss="10", capacity=1 << 30)
+    block = b"x" * 4096
+    n = 2000
+    start = time.perf_counter()
+    for i in range(n):
+        array.write("10210698", (i % 16384) * TRACK_SIZE, block, now=0.0)
+    plain = (time.perf_counter() - start) / n
+    array.establish("10010698", "10110698", FlashOptions(mode=CopyMode.NOCOPY), now=0.0)
+    start = time.perf_counter()
+    for i in range(n):
+        array.write("10010698", (i % 16384) * TRACK_SIZE, block, now=0.0)
+    cow = (time.perf_counter() - start) / n
+    out["write_us"] = round(plain * 1e6, 2)
+    out["write_with_cow_us"] = round(cow * 1e6, 2)
+    out["cow_overhead_us"] = round((cow - plain) * 1e6, 2)
+    return out
+
+
+def run_all(store: Path, *, vms: int = 1000, quick: bool = False) -> dict[str, Any]:
+    """Every figure of DESIGN §5 this build measures, in one process, on one disk."""
+    from flowcopy import logs
+
+    logs.configure(level="error")  # a benchmark prints figures, not 12,000 transitions
+    store.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    if quick:
+        results["journal"] = journal_rate(store / "journal", units=100, moves_per_unit=10)
+    else:
+        results["journal"] = journal_rate(store / "journal")
+    results["engine"] = trio.run(_engine_run, store / "engine", vms)
+    # tracemalloc slows Python several-fold: memory is measured in a run of its own
+    results["memory"] = trio.run(functools.partial(_engine_run, store / "memory", min(vms, 300), trace_memory=True))
+    results["freeze_window_1vm"] = trio.run(_engine_run, store / "engine1", 1)
+    results["recovery"] = trio.run(_recovery, store / "recovery", vms)
+    results["site"] = site_figures()
+    return results
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m flowcopy.bench STORE`

@@ -146,6 +146,32 @@ from flowcopy.site.admin import site_group  # noqa: E402
 main.add_command(site_group)
 
 
+# ---- bench ------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--vms", type=int, default=1000, show_default=True, help="VMs in the engine and recovery runs.")
+@click.option("--quick", is_flag=True, help="A smoke run: small journal sample (use with a small --vms).")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Scratch folder on the disk to measure (default: a temporary folder).")
+@click.option("--json", "as_json", is_flag=True)
+def bench(vms: int, quick: bool, directory: Path | None, as_json: bool) -> None:
+    """Measure journal rate, VMs/s, freeze window, recovery time and site figures (DESIGN §5)."""
+    import tempfile
+
+    from flowcopy import bench as benchmarks
+    from flowcopy import views
+
+    if vms < 1:
+        _fail("--vms must be at least 1")
+    folder = directory or Path(tempfile.mkdtemp(prefix="flowcopy-bench-"))
+    results = benchmarks.run_all(folder, vms=vms, quick=quick)
+    if as_json:
+        click.echo(_json.dumps(results))
+    else:
+        views.print_bench(results)
+
+
 # ---- demo -------------------------------------------------------------------------
 
 

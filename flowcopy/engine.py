@@ -20,16 +20,17 @@ import math
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
 import cattrs
+import structlog
 import trio
 
 from flowcopy import machine, stages
+from flowcopy.holds import LssHolds
 from flowcopy.journal import Journal, Move, RunRow, UnitRow
 from flowcopy.logs import get_logger
 from flowcopy.site import api
@@ -67,7 +68,8 @@ class Limits:
     per_lss: int = 8  # concurrent copy-services commands per LSS
     array: int = 64  # concurrent copy-services commands per array
     guest_agents: int = 256  # concurrent quiesce calls
-    copy: int = 64  # concurrent copy-stage workers (wait/export/mount_check)
+    copy: int = 64  # concurrent copy-stage workers (export/mount_check/verify)
+    freezing: int = 32  # units inside their freeze window at once: bounds each window under load
 
 
 @attrs.define(eq=False)
@@ -78,6 +80,7 @@ class Unit:
     run_id: str
     spec: UnitSpec
     data: dict[str, Any]
+    holding: tuple[str, ...] = ()  # LSSs this unit counts as a CG holder of (not durable)
 
     @property
     def state(self) -> str:
@@ -156,8 +159,9 @@ class Engine:
         self._guest_limiter = trio.CapacityLimiter(self.limits.guest_agents)
         self._array_limiter = trio.CapacityLimiter(self.limits.array)
         self._copy_limiter = trio.CapacityLimiter(self.limits.copy)
+        self._window_limiter = trio.CapacityLimiter(self.limits.freezing)
         self._lss_limiters: dict[str, trio.CapacityLimiter] = {}
-        self._lss_locks: dict[str, trio.Lock] = {}
+        self._holds = LssHolds()
         self._scopes: dict[str, trio.CancelScope] = {}
         self._cancelled_runs: set[str] = set()
         self.freeze_windows: list[float] = []  # freeze-to-release seconds of trio time, per unit
@@ -180,14 +184,15 @@ class Engine:
                     to_state=after,
                     event=trigger,
                     payload=dict(payload or {}) if last else {},
-                    data=dict(unit.data) if last else None,
+                    data=dict(unit.data) if last and data else None,  # only when it changed
                 )
             )
-        log.debug("transition", run=unit.run_id, unit=unit.unit_id, events=list(triggers), state=unit.state)
         if len(moves) == 1:
             await self.journal.record(moves[0])
         else:
             await self.journal.record_many(moves)
+        for move in moves:  # logged once each, after it is durable
+            log.info("transition", trigger=move.event, from_state=move.from_state, to_state=move.to_state, **move.payload)
 
     # ------------------------------------------------------------------ runs
 
@@ -300,6 +305,11 @@ class Engine:
     # ------------------------------------------------------------------ one unit
 
     async def _drive_unit(self, unit: Unit) -> None:
+        # every log line of this unit's task (and the tasks it starts) carries these
+        with structlog.contextvars.bound_contextvars(run=unit.run_id, unit=unit.unit_id, vm=",".join(unit.spec.vms)):
+            await self._drive_unit_bound(unit)
+
+    async def _drive_unit_bound(self, unit: Unit) -> None:
         async with self._unit_limiter:
             outcome: str | None = None
             reason = ""
@@ -333,7 +343,7 @@ class Engine:
         timeout = spec.timeouts.get(name, math.inf)
         attempt = 0
         delay = spec.retry_initial
-        with trio.fail_after(timeout):
+        with trio.fail_after(timeout), structlog.contextvars.bound_contextvars(stage=name):
             while True:
                 attempt += 1
                 try:
@@ -343,7 +353,7 @@ class Engine:
                     transient = exc.transient if isinstance(exc, SiteError) else exc.retryable
                     if not transient or kind in spec.non_retryable or attempt >= spec.retry_max_attempts:
                         raise
-                    log.warning("retrying", run=unit.run_id, unit=unit.unit_id, stage=name, attempt=attempt, error=stages.describe(exc))
+                    log.warning("retrying", attempt=attempt, error=stages.describe(exc))
                     await trio.sleep(delay)
                     delay = min(delay * spec.retry_backoff, spec.retry_max_interval)
 
@@ -353,11 +363,6 @@ class Engine:
             limiter = self._lss_limiters[lss] = trio.CapacityLimiter(self.limits.per_lss)
         return limiter
 
-    def _lss_lock(self, lss: str) -> trio.Lock:
-        lock = self._lss_locks.get(lss)
-        if lock is None:
-            lock = self._lss_locks[lss] = trio.Lock()
-        return lock
 
     # ---- steps: one per non-terminal, non-intent state; intent states resume via reconcile
 
@@ -378,38 +383,50 @@ class Engine:
                 f"gave up after {lost} lost freezes: {unit.data.get('last_freeze_problem', 'freeze lost')}",
                 kind="freeze_lost",
             )
-        await self._move(unit, "freeze", data={"freeze_attempts": attempts + 1, "freezes": {}})
-        await self._freeze_establish_release(unit)
+        async with self._window_limiter:
+            await self._hold(unit)
+            await self._move(unit, "freeze", data={"freeze_attempts": attempts + 1, "freezes": {}})
+            await self._freeze_establish_release(unit)
 
     async def _freeze_establish_release(self, unit: Unit) -> None:
-        """The hot path: freeze, establish, release, holding the LSS locks of an array CG.
+        """The hot path: freeze, establish, release — never queued behind copy work.
 
-        A failure here is compensated before the LSS locks are let go, so no other unit
-        can freeze the same LSS in between and have its freeze released by our unfreeze.
+        A failure here is compensated at once (thaw, unfreeze, withdraw), before anything
+        else of this unit happens, so no guest waits on a failed unit.
         """
-        async with self._cg_locks(unit, unit.pairs):
-            try:
-                t0 = trio.current_time()
-                if unit.spec.kind == "restore":
-                    freezes = await self._stage(unit, "freeze", lambda: self._restore_quiesce(unit))
-                else:
-                    freezes = await self._stage(unit, "freeze", lambda: stages.freeze(self.site, unit.spec, self._guest_limiter))
-                await self._move(unit, "frozen", "establish", data={"freezes": freezes})
-                await self._establish_and_release(unit, t0)
-            except FAILURES as exc:
-                await self._compensate(unit, "failed", reason_of(exc, unit), locked=True)
-
-    @asynccontextmanager
-    async def _cg_locks(self, unit: Unit, pairs: Sequence[Pair]) -> AsyncIterator[None]:
-        """Serialise array consistency groups per LSS: an unfreeze releases the whole LSS."""
-        locks = [self._lss_lock(lss) for lss in stages.frozen_lsses(pairs)] if stages.needs_array_freeze(unit.spec, pairs) else []
-        for lock in locks:
-            await lock.acquire()
         try:
-            yield
+            if unit.spec.kind == "restore":
+                freezes = await self._stage(unit, "freeze", lambda: self._restore_quiesce(unit))
+            else:
+                freezes = await self._stage(unit, "freeze", lambda: stages.freeze(self.site, unit.spec, self._guest_limiter))
+            t0 = trio.current_time()  # the guests are frozen from here to the thaw in release
+            await self._move(unit, "frozen", "establish", data={"freezes": freezes})
+            await self._establish_and_release(unit, t0)
+        except FAILURES as exc:
+            await self._compensate(unit, "failed", reason_of(exc, unit))
+
+    async def _hold(self, unit: Unit) -> None:
+        """Count the unit as a holder of its consistency group's LSSs (see `holds`)."""
+        if not unit.holding and stages.needs_array_freeze(unit.spec, unit.pairs):
+            lsses = stages.frozen_lsses(unit.pairs)
+            await self._holds.acquire(lsses)
+            unit.holding = tuple(lsses)
+
+    async def _unhold(self, unit: Unit) -> None:
+        """Unfreeze the unit's LSSs that no other unit of this engine still holds."""
+        if unit.holding:
+            free = self._holds.release(unit.holding)
+            unit.holding = ()
+        elif stages.needs_array_freeze(unit.spec, unit.pairs):
+            # resumed or compensating without a hold: release only what nobody holds
+            free = self._holds.release_unheld(stages.frozen_lsses(unit.pairs))
+        else:
+            return
+        try:
+            if free:
+                await self.site.unfreeze(free)
         finally:
-            for lock in reversed(locks):
-                lock.release()
+            self._holds.unfrozen(free)
 
     async def _restore_quiesce(self, unit: Unit) -> dict[str, int]:
         ids: dict[str, int] = {}
@@ -452,10 +469,10 @@ class Engine:
 
     async def _redo_freeze(self, unit: Unit, problem: str, *, lost: bool = True) -> None:
         """The copy is not consistent: withdraw what this attempt made, thaw, and go again."""
-        log.warning("freeze lost, redoing", run=unit.run_id, unit=unit.unit_id, problem=problem)
+        log.warning("redoing the freeze", problem=problem, lost=lost)
         if unit.spec.mode != "incremental":
             await stages.withdraw_tagged(self.site, unit.tag)
-        await stages.unfreeze_quietly(self.site, unit.pairs) if stages.needs_array_freeze(unit.spec, unit.pairs) else None
+        await self._unhold(unit)
         await stages.thaw_all(self.site, unit.spec)
         data: dict[str, Any] = {"last_freeze_problem": problem}
         if lost:
@@ -463,7 +480,11 @@ class Engine:
         await self._move(unit, "redo", data=data, payload={"problem": problem})
 
     async def _do_release(self, unit: Unit) -> None:
-        await self._stage(unit, "release", lambda: stages.release(self.site, unit.spec, unit.pairs))
+        async def release() -> None:
+            await self._unhold(unit)
+            await stages.thaw_all(self.site, unit.spec)
+
+        await self._stage(unit, "release", release)
         await self._move(unit, "released")
 
     async def _step_released(self, unit: Unit) -> None:
@@ -471,30 +492,26 @@ class Engine:
         await self._do_copy(unit)
 
     async def _do_copy(self, unit: Unit) -> None:
-        async with self._copy_limiter:
-            result = await self._stage(unit, "copy", lambda: self._copy_action(unit))
+        result = await self._stage(unit, "copy", lambda: self._copy_action(unit))
         await self._move(unit, "copied", data=result)
 
     async def _copy_action(self, unit: Unit) -> dict[str, Any]:
+        """Wait (cheap, unlimited), then the image work under the copy limiter."""
         spec, pairs, site = unit.spec, unit.pairs, self.site
-        if spec.kind == "restore":
+        if spec.kind == "restore" or (spec.copy_action == "wait" and spec.mode != "nocopy"):
             await stages.wait_copied(site, pairs, unit.tag, self.poll)
-            report = await stages.verify(site, spec, pairs, image_of_source=True)
-            return self._verdict(report)
-        action = spec.copy_action
-        if action == "export":
-            folder = self.store / (spec.copy_to or "exports") / unit.run_id.replace("/", "_")
-            exported = await stages.export(site, pairs, folder)
-            report = await trio.to_thread.run_sync(stages.check_exported, [e["path"] for e in exported])
-            stages.apply_retention(folder, spec.retention)
-            return {**self._verdict(report), "exports": exported}
-        if action == "wait" and spec.mode != "nocopy":
-            await stages.wait_copied(site, pairs, unit.tag, self.poll)
-        if action == "mount_check" and spec.mount_vm:
-            report = await site.mount_check(spec.mount_vm, [p.target for p in pairs])
-        else:
-            report = await stages.verify(site, spec, pairs)
-        return self._verdict(report)
+        async with self._copy_limiter:
+            if spec.kind == "restore":
+                return self._verdict(await stages.verify(site, spec, pairs, image_of_source=True))
+            if spec.copy_action == "export":
+                folder = self.store / (spec.copy_to or "exports") / unit.run_id
+                exported = await stages.export(site, pairs, folder)
+                report = await trio.to_thread.run_sync(stages.check_exported, [e["path"] for e in exported])
+                stages.apply_retention(folder, spec.retention)
+                return {**self._verdict(report), "exports": exported}
+            if spec.copy_action == "mount_check" and spec.mount_vm:
+                return self._verdict(await site.mount_check(spec.mount_vm, [p.target for p in pairs]))
+            return self._verdict(await stages.verify(site, spec, pairs))
 
     @staticmethod
     def _verdict(report: api.CheckReport) -> dict[str, Any]:
@@ -517,7 +534,7 @@ class Engine:
 
     # ---- compensation
 
-    async def _compensate(self, unit: Unit, outcome: str, reason: str, *, locked: bool = False) -> None:
+    async def _compensate(self, unit: Unit, outcome: str, reason: str) -> None:
         """Thaw, unfreeze and withdraw what this unit may have made; then failed/cancelled.
 
         Shielded from cancellation so a cancel or a stop cannot leave it half done, but it
@@ -527,14 +544,10 @@ class Engine:
             if unit.state != "compensating":
                 trigger = "cancel" if outcome == "cancelled" else "fail"
                 await self._move(unit, trigger, data={"outcome": outcome, "error": reason}, payload={"reason": reason})
-                log.warning("compensating", run=unit.run_id, unit=unit.unit_id, outcome=outcome, reason=reason)
+                log.warning("compensating", outcome=outcome, reason=reason)
             spec = unit.spec
             pairs = unit.pairs
-            if locked:
-                await self._undo(unit)
-            else:
-                async with self._cg_locks(unit, pairs):
-                    await self._undo(unit)
+            await self._undo(unit)
             await self._move(unit, "compensated_cancel" if unit.data.get("outcome") == "cancelled" else "compensated")
 
     async def _undo(self, unit: Unit) -> None:
@@ -544,8 +557,8 @@ class Engine:
             attempt += 1
             try:
                 froze = int(unit.data.get("freeze_attempts", 0)) > 0
-                if froze and pairs and stages.needs_array_freeze(spec, pairs):
-                    await stages.unfreeze_quietly(self.site, pairs)
+                if froze or unit.holding:
+                    await self._unhold(unit)
                 if froze:
                     await stages.thaw_all(self.site, spec)
                 if spec.mode != "incremental":
@@ -554,7 +567,7 @@ class Engine:
             except SiteError as exc:
                 if not exc.transient or attempt >= 20:
                     raise
-                log.warning("compensation retry", unit=unit.unit_id, error=stages.describe(exc))
+                log.warning("compensation retry", error=stages.describe(exc))
                 await trio.sleep(min(spec.retry_initial * 2**attempt, spec.retry_max_interval))
 
     # ---- resume: settle intent states against the site before acting
@@ -570,11 +583,11 @@ class Engine:
         await self._resume_freezing(unit)
 
     async def _resume_establishing(self, unit: Unit) -> None:
-        async with self._cg_locks(unit, unit.pairs):
-            try:
-                await self._reconcile_establishing(unit)
-            except FAILURES as exc:
-                await self._compensate(unit, "failed", reason_of(exc, unit), locked=True)
+        await self._hold(unit)
+        try:
+            await self._reconcile_establishing(unit)
+        except FAILURES as exc:
+            await self._compensate(unit, "failed", reason_of(exc, unit))
 
     async def _reconcile_establishing(self, unit: Unit) -> None:
         spec, pairs = unit.spec, unit.pairs
@@ -584,7 +597,7 @@ class Engine:
             established_at = max(r.synced for r in present.values())
             problems = await stages.freeze_problems(self.site, spec, unit.data.get("freezes", {}), established_at)
             if not problems:
-                log.info("reconciled: establish complete, continuing", unit=unit.unit_id)
+                log.info("reconciled: establish complete, continuing")
                 await self._move(unit, "established", "release", data={"established_at": established_at},
                                  payload={"reconciled": "relationships present, freeze held"})
                 await self._do_release(unit)

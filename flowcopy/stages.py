@@ -232,13 +232,6 @@ def frozen_lsses(pairs: Sequence[Pair]) -> list[str]:
     return sorted({p.source_lss for p in pairs})
 
 
-async def release(site: Site, unit: UnitSpec, pairs: Sequence[Pair]) -> None:
-    """Unfreeze the array's LSSs and thaw the guests: as soon as possible after establish."""
-    if needs_array_freeze(unit, pairs):
-        await site.unfreeze(frozen_lsses(pairs))
-    await thaw_all(site, unit)
-
-
 async def thaw_all(site: Site, unit: UnitSpec) -> list[api.ThawResult]:
     results: list[api.ThawResult] = []
     if level_of(unit) is QuiesceLevel.NONE and unit.kind != "restore":
@@ -461,12 +454,6 @@ async def withdraw_tagged(site: Site, tag: str) -> int:
         except api.RelationshipNotFound:
             pass
     return n
-
-
-async def unfreeze_quietly(site: Site, pairs: Sequence[Pair]) -> None:
-    lsses = frozen_lsses(pairs)
-    if lsses:
-        await site.unfreeze(lsses)
 
 
 def describe(exc: BaseException) -> str:

@@ -92,3 +92,32 @@ def print_history(console: Console, events: Sequence[Any]) -> None:
         detail = ", ".join(f"{k}={v}" for k, v in e.payload.items()) if e.payload else ""
         table.add_row(e.unit_id.rsplit("/", 1)[-1], str(e.seq), e.from_state, e.event, e.to_state, detail[:120])
     console.print(table)
+
+
+def print_bench(results: Mapping[str, Any], console: Console | None = None) -> None:
+    """The benchmark figures as one table per area."""
+    console = console or Console()
+    j, e, one, r, s, m = (results.get(k, {}) for k in ("journal", "engine", "freeze_window_1vm", "recovery", "site", "memory"))
+    table = Table(title="flowcopy bench", header_style="bold", show_lines=False)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("journal: durable moves/s, group commit", j.get("group_commit", {}).get("moves_per_s")),
+        ("journal: moves per transaction", j.get("group_commit", {}).get("moves_per_transaction")),
+        ("journal: durable moves/s, one commit per move", j.get("one_commit_per_move", {}).get("moves_per_s")),
+        ("journal: group commit / one per move", f"{j.get('ratio')}x"),
+        ("disk: raw write+fsync/s", j.get("raw_fsync_per_s")),
+        (f"engine: {e.get('vms')} VMs end to end, seconds", e.get("seconds")),
+        ("engine: VMs/s", e.get("vms_per_s")),
+        ("engine: all succeeded and verified", f"{e.get('succeeded')} / {e.get('verified')}"),
+        (f"engine: peak traced KiB per in-flight unit ({m.get('vms')} VMs)", m.get("peak_kib_per_unit")),
+        (f"freeze window p50 / p99, {e.get('vms')} VMs (ms)", f"{e.get('freeze_window_p50_ms')} / {e.get('freeze_window_p99_ms')}"),
+        ("freeze window, 1 VM (ms)", one.get("freeze_window_p50_ms")),
+        (f"recovery: {r.get('in_flight_units')} in-flight units reconciled (s)", r.get("reconciled_s")),
+        ("recovery: resume to all done (s)", r.get("resume_to_done_s")),
+        ("site: establish 1 GiB / 1 TiB (us)", f"{s.get('establish_1GiB_us')} / {s.get('establish_1TiB_us')}"),
+        ("site: copy-on-write overhead per source write (us)", s.get("cow_overhead_us")),
+    ]
+    for name, value in rows:
+        table.add_row(name, str(value))
+    console.print(table)
