@@ -44,6 +44,7 @@ from flowcopy.site.api import (
     VolumeOffline,
     WriteInhibited,
 )
+from flowcopy.site import ess
 from flowcopy.site.ess import Array, ArrayService, LssHeld, plain_options
 
 TS = TRACK_SIZE
@@ -171,6 +172,32 @@ def test_copy_on_write_early_tracks_cost_no_copy_time() -> None:
     assert array.copy_done_at(S, T, now=0.5) == 3.0
     array.write(T, 3 * TS, b"y", now=0.5)
     assert array.copy_done_at(S, T, now=0.5) == 2.0
+
+
+@pytest.mark.parametrize("walk_factor", [0, 4], ids=["arithmetic", "stepping"])
+@pytest.mark.parametrize("jumps", [[9.5, 20], [2, 5, 6, 9.5, 10, 11, 12.5, 13, 20]])
+def test_background_walk_skips_early_copied_tracks(
+    monkeypatch: pytest.MonkeyPatch, walk_factor: int, jumps: list[float]
+) -> None:
+    monkeypatch.setattr(ess, "_WALK_STEP_FACTOR", walk_factor)
+    array = make(16)
+    old = pattern(16 * TS, 1)
+    array.write(S, 0, old, now=0)
+    array.establish(S, T, FlashOptions(persistent=True), now=0)
+    array.write(T, 5 * TS, b"own", now=0)  # early-copied tracks: 5 (target write), 9 and 10 (copy-on-write)
+    array.write(S, 9 * TS, b"new", now=0)
+    array.write(S, 10 * TS, b"new", now=0)
+    assert array.copy_done_at(S, T, now=0) == 13.0  # 13 tracks left, one per second
+    for now in jumps:
+        (rel,) = array.query(now=now)
+        assert rel.out_of_sync_tracks == 13 - min(math.floor(now), 13)
+        withdrawn = Array.from_state(array.to_state())
+        withdrawn.withdraw(S, T, now=now)  # what the target physically holds so far
+        walked = [0, 1, 2, 3, 4, 6, 7, 8, 11, 12, 13, 14, 15][: min(math.floor(now), 13)]
+        for t in range(16):
+            expected = b"own" + old[t * TS + 3 : (t + 1) * TS] if t == 5 else old[t * TS : (t + 1) * TS]
+            has = t in walked or t in (5, 9, 10)
+            assert withdrawn.read(T, t * TS, TS, now=now) == (expected if has else bytes(TS)), (now, t)
 
 
 def test_withdraw_after_copy() -> None:

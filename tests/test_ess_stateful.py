@@ -20,7 +20,7 @@ import random
 
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, event, settings
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from flowcopy.site.api import (
     TRACK_SIZE,
@@ -39,6 +39,7 @@ from flowcopy.site.api import (
     VolumeOffline,
     WriteInhibited,
 )
+from flowcopy.site import ess
 from flowcopy.site.ess import Array, LssHeld
 
 TS = TRACK_SIZE
@@ -202,6 +203,14 @@ class ArrayMachine(RuleBasedStateMachine):
             self.array.add_volume(serial, lss=lss, capacity=n * TS)
         self.ref = Ref()
         self.now = 0.0
+
+    @initialize(arithmetic=st.booleans())
+    def choose_walk(self, arithmetic: bool) -> None:
+        """The background copy has two equivalent walks (step by step, cursor arithmetic): use both."""
+        ess._WALK_STEP_FACTOR = 0 if arithmetic else 4
+
+    def teardown(self) -> None:
+        ess._WALK_STEP_FACTOR = 4
 
     # ------------------------------------------------------------------ helpers
 
@@ -439,7 +448,7 @@ class ArrayMachine(RuleBasedStateMachine):
 
 
 ArrayMachine.TestCase.settings = settings(
-    max_examples=200,
+    max_examples=300,
     stateful_step_count=60,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],

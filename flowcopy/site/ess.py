@@ -44,6 +44,7 @@ call exactly, including refusals (which the service never reports).
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
 from bisect import insort
@@ -124,6 +125,9 @@ and then to t2 is the same as advancing to t2, so they need no log entry.
 """
 
 _SERIAL = re.compile(r"^[0-9A-F]{8}$")
+_WALK_STEP_FACTOR = 4
+"""Background copy steps track by track while the due count is within this factor of the
+early-copied exceptions (+16), else uses cursor arithmetic; 0 forces the arithmetic (tests)."""
 _OPTION_FIELDS = frozenset(f.name for f in attrs.fields(FlashOptions))
 
 
@@ -286,11 +290,15 @@ class _Rel:
     def mark(self, t: int) -> None:
         if t >= self.cursor:
             self.above.add(t)
-            while self.cursor in self.above:  # keep `above` small: fold a copied prefix into the cursor
-                self.above.discard(self.cursor)
-                self.cursor += 1
+            self.fold()
         else:
             self.below.discard(t)
+
+    def fold(self) -> None:
+        """Keep `above` small: move the cursor over copied tracks just above it."""
+        while self.cursor in self.above:
+            self.above.discard(self.cursor)
+            self.cursor += 1
 
     def unmark(self, t: int) -> None:
         if t >= self.cursor:
@@ -385,32 +393,50 @@ class Array:
                 self._drop(rel)
 
     def _walk(self, rel: _Rel, count: int) -> int:
-        """Copy the next `count` out-of-sync tracks in ascending order; returns how many."""
+        """Copy the next `count` out-of-sync tracks in ascending order; returns how many.
+
+        Cost is O(min(due, exceptions) + written tracks in the walked range), never
+        O(capacity): a few due tracks are stepped one by one, a long stretch is cursor
+        arithmetic over the sorted exceptions.
+        """
         src = self._vols[rel.source]
         tgt = self._vols[rel.target]
         done = 0
         if rel.below:  # resync/reverse leftovers; all lie below the cursor, so they come first
-            for t in sorted(rel.below)[:count]:
+            first = sorted(rel.below)[:count] if count * 8 >= len(rel.below) else heapq.nsmallest(count, rel.below)
+            for t in first:
                 self._copy_track(src, tgt, t)
                 rel.below.discard(t)
-                done += 1
+            done = len(first)
         count -= done
-        if count > 0 and rel.cursor < rel.n:
-            start = rel.cursor
+        if count <= 0 or rel.cursor >= rel.n:
+            return done
+        start = rel.cursor
+        if count <= _WALK_STEP_FACTOR * (len(rel.above) + 16):
+            t = start
+            while count > 0 and t < rel.n:
+                if t in rel.above:  # copied early (copy-on-write, target write): costs no time
+                    rel.above.discard(t)
+                else:
+                    self._copy_track(src, tgt, t)
+                    count -= 1
+                    done += 1
+                t += 1
+            rel.cursor = t
+        else:
             end = start + count
             skipped = []
-            for e in sorted(rel.above):  # early-copied tracks cost no time
+            for e in sorted(rel.above):
                 if e < end:
                     end += 1
                     skipped.append(e)
                 else:
                     break
             end = min(end, rel.n)
-            skipped = [e for e in skipped if e < end]
-            done += (end - start) - len(skipped)
-            skip = set(skipped)
+            skip = {e for e in skipped if e < end}
+            done += (end - start) - len(skip)
             if end - start <= len(src.tracks):
-                written: Iterable[int] = (t for t in range(start, end) if t in src.tracks)
+                written: Iterable[int] = [t for t in range(start, end) if t in src.tracks]
             else:
                 written = [t for t in src.tracks if start <= t < end]
             for t in written:
@@ -418,6 +444,7 @@ class Array:
                     self._copy_track(src, tgt, t)
             rel.above -= skip
             rel.cursor = end
+        rel.fold()
         return done
 
     @staticmethod
