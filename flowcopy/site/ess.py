@@ -35,6 +35,20 @@ Time semantics worth knowing:
   deadline: the ELB timer runs per LSS from the first freeze of a consistency group, so a
   host is never held longer than `elb_timeout` however many pairs the group has.
 
+Choices where FLASHCOPY.md leaves room (each one tested):
+
+* `record` implies `persistent` (DS8000 `mkflash -record` selects `-persist`).
+* Establish discards the target's previous content: a withdrawn, incomplete (nocopy)
+  target reads zeros wherever nothing was copied — visibly not a usable image.
+* `withdraw(after_copy=True)` on a nocopy relationship starts its background copy
+  (`rmflash -cp`); the relationship then reports mode `copy` until it ends.
+* `reverse` needs every track copied (a nocopy relationship rarely qualifies), refuses
+  with CascadeRefused when the source has other targets (the swapped roles would
+  cascade), and the reversed relationship carries no target-write inhibit: its target is
+  production being restored.
+* Background copy keeps running while a volume is offline; host I/O to it is refused.
+* `extents` of a track span its first to last non-zero byte.
+
 Replay contract (for the persistence layer): every mutating core method takes only plain
 data (str/int/float/bool/None/bytes/lists/dicts), `FlashOptions` and `SavedTask` may be
 given as the dicts `plain_options` / `plain_task` (or `attrs.asdict`) produce, and
@@ -891,13 +905,14 @@ class Array:
         now = self._tick(now)
         if volume is not None:
             self._vol(volume, "cannot query: ")
-            self._advance_volume(volume, now)
             rels = self._rels_of(volume)
         else:
-            self._advance_all(now)
             rels = list(self._by_target.values())
         if tag is not None:
             rels = [r for r in rels if r.tag == tag]
+        for rel in rels:  # only what is asked for is brought up to `now` (thousands may exist)
+            self._advance(rel, now)
+        rels = [r for r in rels if self._by_target.get(r.target) is r]  # some may have dissolved
         return [self._info(r) for r in sorted(rels, key=lambda r: (r.source, r.target))]
 
     def copy_done_at(self, source: str, target: str, *, now: float) -> float | None:
@@ -1087,7 +1102,9 @@ class ArrayService:
 
     `clock` returns site time (default `trio.current_time`); `speed` is site seconds per
     trio second, so a site delay d sleeps d/speed. `on_mutation(name, kwargs)` is called
-    after every successful mutating core call with plain-data kwargs including `now`.
+    after every successful mutating core call (MUTATING_METHODS) with plain-data kwargs
+    including `now`; `getattr(array, name)(**kwargs)` replays it. A held write wakes on an
+    `unfreeze` made through this service, or at the ELB deadline otherwise.
     """
 
     def __init__(
