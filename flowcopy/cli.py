@@ -176,11 +176,21 @@ def bench(vms: int, quick: bool, directory: Path | None, as_json: bool) -> None:
 
 
 @main.command()
-def demo() -> None:
-    """Show a FlashCopy point-in-time copy on the seed's LUNs 20313698 -> 20413698."""
+@_store_option
+@click.option("--speed", type=float, default=1.0, show_default=True, help="Site clock speed of the embedded site.")
+def demo(store: Path | None, speed: float) -> None:
+    """A point-in-time copy on the seed's LUNs, then backups of the seed's scenarios.
+
+    First the array alone: 20313698 -> 20413698, source changed after establish, target
+    still the old image. Then the engine runs the workflows of the seed's lab (the
+    Windows E: drive to the second guest, the SQL log+data consistency group, a nightly
+    nocopy export of the Linux guests) against the embedded site in the store.
+    """
     from rich.console import Console
 
+    from flowcopy import commands
     from flowcopy.site.demo import array_demo
 
     if not array_demo(Console()):
         _fail("demo: the target does not hold the point-in-time image of the source")
+    sys.exit(commands.demo(_store(store), speed=speed))

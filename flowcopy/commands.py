@@ -46,19 +46,32 @@ def _format(exc: BaseException) -> str:
     return str(exc)
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [exc]
+
+
 def _run_trio(fn: Callable[[], Any]) -> tuple[Any, int | None]:
+    """Run `fn` under trio; an expected error (even inside nurseries' groups) is one line."""
     try:
         return trio.run(fn), None
-    except _expected_errors() as exc:
-        return None, _err(_format(exc))
     except KeyboardInterrupt:
         return None, _err("interrupted; `flowcopy resume` finishes what was in flight")
+    except BaseException as exc:
+        leaves = [e for e in _leaves(exc) if not isinstance(e, trio.Cancelled)]
+        expected = [e for e in leaves if isinstance(e, _expected_errors())]
+        if not expected or len(expected) != len(leaves):
+            raise
+        return None, _err("\n".join(dict.fromkeys(_format(e) for e in expected)))
 
 
 def run(file: Path, store: Path, *, site_url: str | None, token_file: str | None, as_json: bool, speed: float, lab: str | None) -> int:
     console = Console(stderr=True)
     live_view = console.is_terminal and not as_json
-    logs.configure(json=not console.is_terminal, level="info" if not live_view else "warning")
+    # --json: every transition as a JSON log line on stderr (for machines); otherwise
+    # only warnings, and progress as a live table (terminal) or plain lines (a pipe)
+    logs.configure(json=not console.is_terminal, level="info" if as_json else "warning")
     state: dict[str, Any] = {}
 
     def on_engine(engine: Engine, run_id: str | None) -> None:
@@ -68,6 +81,8 @@ def run(file: Path, store: Path, *, site_url: str | None, token_file: str | None
         async with trio.open_nursery() as nursery:
             if live_view:
                 nursery.start_soon(_live_progress, console, state, file.name)
+            elif not as_json:
+                nursery.start_soon(_line_progress, state, file.name)
             result = await runner.run_file(
                 file, store=store, site_url=site_url, token_file=token_file, lab=lab, speed=speed, on_engine=on_engine
             )
@@ -100,6 +115,23 @@ async def _live_progress(console: Console, state: dict[str, Any], title: str) ->
                 if total:
                     live.update(views.progress_table(label, counts, total))
             await trio.sleep(0.125)
+
+
+async def _line_progress(state: dict[str, Any], title: str) -> None:
+    """Progress for a pipe or a log file: one line whenever the counts change."""
+    from flowcopy import machine
+
+    last: dict[str, int] = {}
+    while True:
+        engine: Engine | None = state.get("engine")
+        run_id = state.get("run_id")
+        if engine is not None and run_id:
+            counts = engine.progress(run_id)
+            if counts and counts != last:
+                parts = ", ".join(f"{counts[s]} {s}" for s in machine.STATES if counts.get(s))
+                print(f"{title}: {parts}", file=sys.stderr, flush=True)
+                last = counts
+        await trio.sleep(0.25)
 
 
 def resume(store: Path, *, site_url: str | None, token_file: str | None, as_json: bool) -> int:
@@ -175,3 +207,31 @@ def cancel(store: Path, run_id: str) -> int:
         journal.close()
     print(f"cancel requested for {run_id}; the engine compensates its units (thaw, unfreeze, withdraw)")
     return 0
+
+
+DEMO_WORKFLOWS = ("10-w2k-e-drive.yaml", "20-sql-consistency-group.yaml", "30-nightly-nocopy-export.yaml")
+
+
+def demo_workflows() -> list[Path]:
+    """The seed's scenarios from the checkout's workflows/ folder."""
+    folder = Path(__file__).resolve().parent.parent / "workflows"
+    return [folder / name for name in DEMO_WORKFLOWS]
+
+
+def demo(store: Path, *, speed: float) -> int:
+    """Run the demo workflows one after the other in `store`; 0 only if all verified."""
+    console = Console()
+    worst = 0
+    for path in demo_workflows():
+        if not path.exists():
+            return _err(f"{path}: demo workflow missing (run the demo from a checkout)")
+        console.rule(f"flowcopy run {path.name}")
+        code = run(path, store, site_url=None, token_file=None, as_json=False, speed=speed, lab=None)
+        worst = max(worst, code)
+    console.rule("result")
+    console.print(
+        "[green]every backup succeeded and every target image verified[/green]" if worst == 0
+        else "[red]some backups did not succeed or verify: see above[/red]"
+    )
+    console.print(f"journal and site state are in {store}/ — try `flowcopy status --store {store}`")
+    return worst
