@@ -85,3 +85,17 @@ def test_demo_shows_the_point_in_time_copy_and_verified_backups(tmp_path: Path) 
     assert "Target 20413698 still holds the point-in-time image of 20313698" in " ".join(result.stdout.split())
     assert result.stdout.count("yes: every target image checked consistent") == 3
     assert "every backup succeeded and every target image verified" in result.stdout
+
+
+def test_bench_smoke_prints_every_figure(tmp_path: Path) -> None:
+    """A short `flowcopy bench`: figures are printed, not judged; the runs must be right."""
+    result = flowcopy("bench", "--quick", "--vms", "40", "--json", "--dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout)
+    assert figures["engine"]["succeeded"] == 40 and figures["engine"]["verified"] is True
+    assert figures["recovery"]["succeeded"] == 40 and figures["recovery"]["in_flight_units"] > 0
+    assert figures["journal"]["group_commit"]["transactions"] < figures["journal"]["group_commit"]["moves"]
+    for key in ("moves_per_s",):
+        assert figures["journal"]["group_commit"][key] > 0 and figures["journal"]["one_commit_per_move"][key] > 0
+    assert {"establish_1GiB_us", "establish_1TiB_us", "cow_overhead_us"} <= set(figures["site"])
+    assert figures["memory"]["peak_kib_per_unit"] > 0
