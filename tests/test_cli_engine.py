@@ -99,3 +99,53 @@ def test_bench_smoke_prints_every_figure(tmp_path: Path) -> None:
         assert figures["journal"]["group_commit"][key] > 0 and figures["journal"]["one_commit_per_move"][key] > 0
     assert {"establish_1GiB_us", "establish_1TiB_us", "cow_overhead_us"} <= set(figures["site"])
     assert figures["memory"]["peak_kib_per_unit"] > 0
+
+
+def test_cancel_from_another_process_withdraws_mid_copy(tmp_path: Path) -> None:
+    """`flowcopy cancel RUN` while `flowcopy run` copies: the engine compensates and exits 1."""
+    import time
+
+    store = tmp_path / "store"
+    # the rotation example waits for a 256 MiB background copy: ~5 s at speed 1
+    proc = subprocess.Popen(
+        [*FLOWCOPY, "run", str(WORKFLOWS / "40-hourly-rotation.yaml"), "--json", "--store", str(store)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        run_id = None
+        while time.monotonic() < deadline and run_id is None:
+            time.sleep(0.2)
+            if (store / "journal.sqlite").exists():
+                status = flowcopy("status", "--json", "--store", str(store))
+                runs = json.loads(status.stdout) if status.returncode == 0 else []
+                if runs and runs[0]["units"].get("copying"):
+                    run_id = runs[0]["run_id"]
+        assert run_id, "the run never reached its copy stage"
+        result = flowcopy("cancel", run_id, "--store", str(store))
+        assert result.returncode == 0, result.stderr
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err[-2000:]
+    summary = json.loads(out)
+    assert summary["state"] == "cancelled" and summary["units"] == {"cancelled": 1}
+    events = json.loads(flowcopy("history", run_id, "--json", "--store", str(store)).stdout)
+    assert [e["event"] for e in events][-2:] == ["cancel", "compensated_cancel"]
+    journal = Journal.open(store, lock=False)
+    try:
+        (unit,) = journal.units(run_id)
+        target = unit.data["pairs"][0]["target"]
+    finally:
+        journal.close()
+    # the embedded site in the store: no relationship left on the rotation target
+    import trio
+
+    from flowcopy.site.persist import open_site
+
+    async def relationships() -> list[object]:
+        async with open_site(store / "site", workloads=False) as site:
+            return await site.query(volume=target)
+
+    assert trio.run(relationships) == []
