@@ -32,8 +32,10 @@ def _err(message: str) -> int:
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from flowcopy.definitions import DefinitionError
+    from flowcopy.site.inventory import LabError
+    from flowcopy.site.persist import StateError
 
-    return (*EXPECTED, DefinitionError)
+    return (*EXPECTED, DefinitionError, LabError, StateError)
 
 
 def _format(exc: BaseException) -> str:

@@ -551,23 +551,26 @@ class Engine:
             await self._move(unit, "compensated_cancel" if unit.data.get("outcome") == "cancelled" else "compensated")
 
     async def _undo(self, unit: Unit) -> None:
-        spec, pairs = unit.spec, unit.pairs
-        attempt = 0
-        while True:
-            attempt += 1
+        """Thaw, unfreeze, withdraw — only if the unit ever got as far as a freeze.
+
+        A transient site error is retried for a while; if the site stays unreachable the
+        error propagates and the unit stays `compensating` in the journal, so the next
+        `flowcopy resume` finishes the compensation.
+        """
+        if int(unit.data.get("freeze_attempts", 0)) == 0 and not unit.holding:
+            return  # never past prepare: nothing at the site is this unit's
+        spec = unit.spec
+        for attempt in range(1, 11):
             try:
-                froze = int(unit.data.get("freeze_attempts", 0)) > 0
-                if froze or unit.holding:
-                    await self._unhold(unit)
-                if froze:
-                    await stages.thaw_all(self.site, spec)
+                await self._unhold(unit)
+                await stages.thaw_all(self.site, spec)
                 if spec.mode != "incremental":
                     await stages.withdraw_tagged(self.site, unit.tag)
                 return
             except SiteError as exc:
-                if not exc.transient or attempt >= 20:
+                if not exc.transient or attempt == 10:
                     raise
-                log.warning("compensation retry", error=stages.describe(exc))
+                log.warning("compensation retry", attempt=attempt, error=stages.describe(exc))
                 await trio.sleep(min(spec.retry_initial * 2**attempt, spec.retry_max_interval))
 
     # ---- resume: settle intent states against the site before acting

@@ -81,6 +81,7 @@ async def run_file(
         async with open_engine(store, site, limits=limits or planning.limits(workflow)) as engine:
             if on_engine:
                 on_engine(engine, None)
+            await site.now()  # an unreachable site fails here, before any run is touched
             resumed = await engine.resume()
             specs = await planning.plan_units(workflow, site)
             run_id = await engine.begin_run(workflow.name, planning.definition_data(workflow), specs)
@@ -95,4 +96,5 @@ async def resume_store(
 ) -> list[RunSummary]:
     async with open_site(store, site_url, token_file, lab=lab, speed=speed) as site:
         async with open_engine(store, site) as engine:
+            await site.now()
             return await engine.resume()
