@@ -132,3 +132,48 @@ async def test_crash_after_journal_write_then_resume(
     expected = {"normal": "succeeded", "slow_establish": "succeeded", "refuse_third": "failed",
                 "cancel_mid_copy": "cancelled"}[how]
     assert runs[0].state == expected
+
+
+class CrashingSite:
+    """The engine dies inside a side effect: the site call completed, its reply never arrived."""
+
+    def __init__(self, inner: Any, method: str, nth: int) -> None:
+        self._inner, self._method, self._nth, self.calls = inner, method, nth, 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if name != self._method:
+            return attr
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            result = await attr(*args, **kwargs)
+            self.calls += 1
+            if self.calls == self._nth:
+                raise SimulatedCrash(f"inside {name} #{self._nth}")
+            return result
+
+        return call
+
+
+@pytest.mark.parametrize(
+    "method,nth",
+    [("quiesce", 1), ("establish", 1), ("establish", 2), ("unfreeze", 1), ("thaw", 1),
+     ("mount_check", 1), ("withdraw", 1), ("withdraw", 2)],
+)
+async def test_crash_inside_a_side_effect_then_resume(tmp_path: Path, autojump_clock: Any, method: str, nth: int) -> None:
+    """Scenario 2 (two pairs, one consistency group) dies after the site acted but before
+    the engine heard back; the restarted engine reconciles from the site's state."""
+    inner = load_lab(None)
+    async with inner.running():
+        site = CrashingSite(inner, method, nth)
+        assert await first_run(tmp_path, site, SCENARIO_2, "normal", crash_at="never")
+        assert site.calls >= nth
+        async with engine_on(tmp_path, inner) as engine:
+            (summary,) = await engine.resume()
+        journal = Journal.open(tmp_path, lock=False)
+        try:
+            verdict = await chaos.check_invariants(journal, inner)
+        finally:
+            journal.close()
+    assert verdict.problems == ()
+    assert summary.state == "succeeded" and summary.verified
