@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 
-from flowcopy.journal import Journal, Move, RunRow, SimulatedCrash, UnitRow
+from flowcopy.journal import Journal, Move, RunRow, SimulatedCrash, UnitRow, is_crash
 from flowcopy.machine import FORWARD_PATH, TRANSITIONS
 
 # --------------------------------------------------------------------------- journal
@@ -237,7 +237,7 @@ async def _recovery(store: Path, vms: int) -> dict[str, Any]:
                 run_id = await engine.begin_run(wf.name, planning.definition_data(wf), specs)
                 await engine.drive_run(run_id)
         except BaseException as exc:  # noqa: BLE001 - the crash arrives in exception groups
-            if not _crashed(exc):
+            if not is_crash(exc):
                 raise
         finally:
             journal.close()
@@ -264,14 +264,6 @@ async def _recovery(store: Path, vms: int) -> dict[str, Any]:
         "resume_to_done_s": round(total, 3),
         "succeeded": summaries[0].units.get("succeeded", 0),
     }
-
-
-def _crashed(exc: BaseException) -> bool:
-    if isinstance(exc, SimulatedCrash):
-        return True
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_crashed(e) for e in exc.exceptions)
-    return isinstance(exc, trio.Cancelled)
 
 
 def site_figures() -> dict[str, Any]:

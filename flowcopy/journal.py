@@ -98,6 +98,16 @@ class SimulatedCrash(BaseException):
     `except Exception` in the engine can swallow it."""
 
 
+def is_crash(exc: BaseException) -> bool:
+    """True for a SimulatedCrash as it leaves trio: bare, or in groups beside cancellations."""
+    if isinstance(exc, SimulatedCrash):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = exc.exceptions
+        return any(is_crash(e) for e in leaves) and all(is_crash(e) or isinstance(e, trio.Cancelled) for e in leaves)
+    return False
+
+
 # --------------------------------------------------------------------------- rows
 
 

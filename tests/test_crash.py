@@ -18,11 +18,11 @@ import pytest
 import trio
 
 from flowcopy import chaos, definitions, machine, planning
-from flowcopy.journal import Journal, Move, SimulatedCrash
+from flowcopy.journal import Journal, Move, SimulatedCrash, is_crash
 from flowcopy.site import api
 from flowcopy.site.inventory import load_lab
 
-from .test_engine import THREE_PAIRS, WORKFLOWS, FailingSite, engine_on
+from .test_engine import THREE_PAIRS, WORKFLOWS, FailingSite, assert_invariants, engine_on
 
 SCENARIO_2 = (WORKFLOWS / "20-sql-consistency-group.yaml").read_text()
 ROTATION = (WORKFLOWS / "40-hourly-rotation.yaml").read_text()
@@ -92,18 +92,10 @@ async def first_run(store: Path, site: Any, text: str, how: str, crash_at: str) 
                         await trio.sleep(0.01)
                     await engine.cancel(run_id)
     except BaseException as exc:  # noqa: BLE001 - a crash arrives wrapped in exception groups
-        if not _only_crashes(exc):
+        if not is_crash(exc):
             raise
         crashed = True
     return crashed
-
-
-def _only_crashes(exc: BaseException) -> bool:
-    if isinstance(exc, SimulatedCrash):
-        return True
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_only_crashes(e) for e in exc.exceptions)
-    return isinstance(exc, trio.Cancelled)
 
 
 @pytest.mark.parametrize("pause", [0.0, 300.0], ids=["restart-at-once", "restart-after-300s"])
@@ -170,10 +162,5 @@ async def test_crash_inside_a_side_effect_then_resume(tmp_path: Path, autojump_c
         assert site.calls >= nth
         async with engine_on(tmp_path, inner) as engine:
             (summary,) = await engine.resume()
-        journal = Journal.open(tmp_path, lock=False)
-        try:
-            verdict = await chaos.check_invariants(journal, inner)
-        finally:
-            journal.close()
-    assert verdict.problems == ()
+        await assert_invariants(tmp_path, inner)
     assert summary.state == "succeeded" and summary.verified

@@ -6,8 +6,6 @@ the site's own state (relationships, freezes, LSS holds, image checks) to judge.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import trio
 from flowcopy import chaos, definitions, machine, planning
 from flowcopy.engine import Engine, Limits
 from flowcopy.journal import Journal
+from flowcopy.runner import open_engine
 from flowcopy.site import api
 from flowcopy.site.inventory import generate_lab, load_lab
 from flowcopy.site.local import Latency
@@ -25,16 +24,9 @@ from flowcopy.site.local import Latency
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 
 
-@asynccontextmanager
-async def engine_on(store: Path, site: Any, limits: Limits | None = None) -> AsyncIterator[Engine]:
-    journal = Journal.open(store)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(journal.run_writer)
-            yield Engine(journal, site, store=store, limits=limits)
-            nursery.cancel_scope.cancel()
-    finally:
-        journal.close()
+def engine_on(store: Path, site: Any, limits: Limits | None = None) -> Any:
+    """The journal of `store` with its writer running and an engine over `site` (as `run` does)."""
+    return open_engine(store, site, limits=limits)
 
 
 async def run_workflow(engine: Engine, site: Any, text_or_path: str | Path) -> Any:

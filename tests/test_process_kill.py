@@ -20,6 +20,7 @@ import trio
 import json
 
 from flowcopy import chaos
+from flowcopy.bench import BENCH_WORKFLOW
 from flowcopy.journal import Journal
 from flowcopy.site.client import connect_site
 from flowcopy.site.inventory import generate_lab_spec
@@ -28,18 +29,8 @@ pytestmark = pytest.mark.process
 
 FLOWCOPY = [sys.executable, "-m", "flowcopy"]
 
-WORKFLOW = """
-name: fleet
-quiesce: filesystem
-freeze_timeout: 20s
-units:
-  - selector: {backup: nightly}
-    mode: copy
-    disks:
-      - {disk: Disk1, target: {pool: targets}}
-      - {disk: Disk2, target: {pool: targets}}
-    copy: {action: wait}
-"""
+# the benchmark's fleet workflow: every VM's two disks, copy mode, pool targets
+WORKFLOW = BENCH_WORKFLOW
 
 
 def start_site(tmp: Path, vms: int, speed: float) -> tuple[subprocess.Popen[str], str, Path]:
