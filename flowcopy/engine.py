@@ -458,7 +458,9 @@ class Engine:
                         limiter.release_on_behalf_of(unit)
 
         established_at = await self._stage(unit, "establish", do_establish)
-        problems = await stages.freeze_problems(self.site, spec, unit.data.get("freezes", {}), established_at)
+        problems = await self._stage(
+            unit, "establish", lambda: stages.freeze_problems(self.site, spec, unit.data.get("freezes", {}), established_at)
+        )
         if problems:
             await self._redo_freeze(unit, "; ".join(problems))
             return
@@ -470,10 +472,13 @@ class Engine:
     async def _redo_freeze(self, unit: Unit, problem: str, *, lost: bool = True) -> None:
         """The copy is not consistent: withdraw what this attempt made, thaw, and go again."""
         log.warning("redoing the freeze", problem=problem, lost=lost)
-        if unit.spec.mode != "incremental":
-            await stages.withdraw_tagged(self.site, unit.tag)
-        await self._unhold(unit)
-        await stages.thaw_all(self.site, unit.spec)
+        async def undo_attempt() -> None:
+            if unit.spec.mode != "incremental":
+                await stages.withdraw_tagged(self.site, unit.tag)
+            await self._unhold(unit)
+            await stages.thaw_all(self.site, unit.spec)
+
+        await self._stage(unit, "release", undo_attempt)
         data: dict[str, Any] = {"last_freeze_problem": problem}
         if lost:
             data["freezes_lost"] = int(unit.data.get("freezes_lost", 0)) + 1
@@ -529,7 +534,7 @@ class Engine:
         keep = spec.withdraw == "keep" or spec.mode == "incremental" or spec.kind == "restore"
         if not keep:
             after_copy = spec.withdraw == "after_copy"
-            await self._stage(unit, "withdraw", lambda: stages.withdraw_pairs(self.site, unit.pairs, after_copy=after_copy))
+            await self._stage(unit, "withdraw", lambda: stages.withdraw_tagged(self.site, unit.tag, after_copy=after_copy))
         await self._move(unit, "succeed")
 
     # ---- compensation
@@ -579,7 +584,7 @@ class Engine:
         await self._do_prepare(unit)
 
     async def _resume_freezing(self, unit: Unit) -> None:
-        await stages.thaw_all(self.site, unit.spec)
+        await self._stage(unit, "release", lambda: stages.thaw_all(self.site, unit.spec))
         await self._move(unit, "redo", payload={"reconciled": "freeze outcome unknown: thawed, redo"})
 
     async def _resume_frozen(self, unit: Unit) -> None:
@@ -594,11 +599,13 @@ class Engine:
 
     async def _reconcile_establishing(self, unit: Unit) -> None:
         spec, pairs = unit.spec, unit.pairs
-        present = await stages.ours(self.site, unit.tag)
+        present = await self._stage(unit, "establish", lambda: stages.ours(self.site, unit.tag))
         wanted = {(p.target, p.source) if spec.kind == "restore" else (p.source, p.target) for p in pairs}
         if present and set(present) >= wanted:
             established_at = max(r.synced for r in present.values())
-            problems = await stages.freeze_problems(self.site, spec, unit.data.get("freezes", {}), established_at)
+            problems = await self._stage(
+                unit, "establish", lambda: stages.freeze_problems(self.site, spec, unit.data.get("freezes", {}), established_at)
+            )
             if not problems:
                 log.info("reconciled: establish complete, continuing")
                 await self._move(unit, "established", "release", data={"established_at": established_at},

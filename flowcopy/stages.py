@@ -10,9 +10,10 @@ of an absent relationship are successes). The engine decides *when*; this module
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,26 @@ class FreezeLost(StageError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, retryable=True, kind="freeze_lost")
+
+
+async def concurrently(*thunks: Callable[[], Awaitable[object]]) -> None:
+    """Run thunks at once; the first failure comes out as itself, not in an exception group,
+    so the engine's retry and compensation see a SiteError as a SiteError."""
+    try:
+        async with trio.open_nursery() as nursery:
+            for thunk in thunks:
+                nursery.start_soon(thunk)
+    except BaseExceptionGroup as group:
+        failures = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+        if failures and all(isinstance(e, Exception) for e in failures):
+            raise failures[0] from group
+        raise
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [exc]
 
 
 # --------------------------------------------------------------------------- plans
@@ -204,17 +225,24 @@ async def freeze(site: Site, unit: UnitSpec, limiter: trio.CapacityLimiter) -> d
 
     async def one(vm: str) -> None:
         async with limiter:
-            ticket = await site.quiesce(vm, level, unit.freeze_timeout)
+            try:
+                ticket = await site.quiesce(vm, level, unit.freeze_timeout)
+            except api.GuestStateError:
+                # still frozen by an earlier attempt of ours whose reply was lost (or whose
+                # thaw failed): thaw and freeze afresh, so the freeze id is one we know
+                if not (await site.freeze_status(vm)).frozen:
+                    raise
+                await site.thaw(vm)
+                ticket = await site.quiesce(vm, level, unit.freeze_timeout)
         tickets[vm] = ticket.freeze_id
 
     try:
-        async with trio.open_nursery() as nursery:
-            for vm in unit.vms:
-                nursery.start_soon(one, vm)
+        await concurrently(*(functools.partial(one, vm) for vm in unit.vms))
     except Exception:
-        # one guest refused: thaw the ones that did freeze before anyone retries or fails
+        # one guest refused (or its reply was lost after it froze): thaw every guest of
+        # the unit — thaw is idempotent — before anyone retries or fails
         with trio.CancelScope(shield=True):
-            for vm in tickets:
+            for vm in unit.vms:
                 try:
                     await site.thaw(vm)
                 except SiteError:
@@ -430,26 +458,14 @@ def apply_retention(folder: Path, keep: int | None) -> list[Path]:
 # --------------------------------------------------------------------------- withdraw / compensate
 
 
-async def withdraw_pairs(site: Site, pairs: Sequence[Pair], *, after_copy: bool = False) -> int:
-    """Withdraw each pair; an absent relationship counts as withdrawn. Returns how many existed."""
-    n = 0
-    for pair in pairs:
-        for source, target in ((pair.source, pair.target), (pair.target, pair.source)):
-            try:
-                await site.withdraw(source, target, after_copy=after_copy)
-                n += 1
-            except api.RelationshipNotFound:
-                pass
-    return n
-
-
-async def withdraw_tagged(site: Site, tag: str) -> int:
+async def withdraw_tagged(site: Site, tag: str, *, after_copy: bool = False) -> int:
     """Withdraw every relationship carrying this unit's tag — the journal knows the tag, so
-    even a relationship whose establish outcome was never journaled is found again."""
+    even a relationship whose establish outcome was never journaled is found again, and a
+    retry after a partial withdraw only touches what is left. Returns how many it ended."""
     n = 0
     for rel in await site.query(tag=tag):
         try:
-            await site.withdraw(rel.source, rel.target)
+            await site.withdraw(rel.source, rel.target, after_copy=after_copy)
             n += 1
         except api.RelationshipNotFound:
             pass

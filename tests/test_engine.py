@@ -283,3 +283,38 @@ def test_state_table_drives_every_step() -> None:
     """Every non-terminal, non-compensating state has exactly one handler in the engine."""
     handled = set(Engine._steps)
     assert handled == set(machine.NON_TERMINAL) - {"compensating"}
+
+
+# --------------------------------------------------------------------------- injected faults
+
+
+@pytest.mark.parametrize("after_fraction", [0.0, 0.5], ids=["refused", "half-done-reply-lost"])
+async def test_transient_array_and_guest_faults_are_retried(tmp_path: Path, autojump_clock: Any, after_fraction: float) -> None:
+    """A fifth of all site calls fail transiently — half of them after the site acted
+    (the reply was lost). Retries and idempotent stages still bring every unit home."""
+    from flowcopy.site.faults import FaultPlan, FaultySite
+
+    inner = generate_lab(60, 4, workloads=4, latency=Latency.zero())
+    plan = FaultPlan(seed=7, error_rate=0.2, after_fraction=after_fraction,
+                     error_rates={"now": 0.0, "check": 0.0, "list_vms": 0.0, "list_pools": 0.0, "lun_of": 0.0,
+                                  "get_volume": 0.0, "query": 0.0})
+    site = FaultySite(inner, plan)
+    text = """
+name: faulty
+quiesce: filesystem
+retry: {max_attempts: 10, initial_interval: 1s, max_interval: 10s}
+units:
+  - selector: {backup: nightly}
+    mode: copy
+    disks:
+      - {disk: Disk1, target: {pool: targets}}
+      - {disk: Disk2, target: {pool: targets}}
+    copy: {action: wait}
+"""
+    async with inner.running():
+        async with engine_on(tmp_path, site) as engine:
+            summary = await run_workflow(engine, site, text)
+    assert sum(site.injected.values()) > 20  # faults really happened
+    assert summary.units == {"succeeded": 60}, summary.failures
+    assert summary.verified
+    await assert_invariants(tmp_path, inner)
