@@ -55,15 +55,16 @@ def summary_table(summary: RunSummary) -> Table:
 
 def runs_table(runs: Sequence[RunRow], units_by_run: Mapping[str, Sequence[UnitRow]]) -> Table:
     table = Table(title="runs", header_style="bold")
-    for col in ("run", "workflow", "state", "units", "progress"):
-        table.add_column(col)
+    table.add_column("run (workflow-number-id)", no_wrap=True)  # copied into `history` / `cancel`
+    table.add_column("state", no_wrap=True)
+    table.add_column("units")
+    table.add_column("done", no_wrap=True, justify="right")
     for run in runs:
         units = units_by_run.get(run.run_id, [])
         counts = Counter(u.state for u in units)
         done = sum(counts.get(s, 0) for s in machine.TERMINAL)
         table.add_row(
             run.run_id,
-            run.workflow,
             run.state,
             ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: machine.STAGES[kv[0]].index)),
             f"{done}/{len(units)}",
