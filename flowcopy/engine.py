@@ -371,7 +371,7 @@ class Engine:
         await self._do_prepare(unit)
 
     async def _do_prepare(self, unit: Unit) -> None:
-        pairs = await self._stage(unit, "prepare", lambda: stages.prepare(self.site, unit.spec, int(unit.data["run_number"])))
+        pairs = await self._stage(unit, "prepare", lambda: stages.prepare(self.site, unit.spec, int(unit.data["run_number"]), unit.tag))
         await self._move(unit, "prepared", data={"pairs": pairs_to_data(pairs)})
 
     async def _step_prepared(self, unit: Unit) -> None:

@@ -138,9 +138,8 @@ class Pair:
 # --------------------------------------------------------------------------- prepare
 
 
-async def resolve_target(
-    site: Site, spec: DiskSpec, source: api.DiskInfo, run_number: int, taken: set[str]
-) -> str:
+async def resolve_target(site: Site, spec: DiskSpec, run_number: int) -> str:
+    """The target serial of this run (pools were resolved when the run was planned)."""
     ref = spec.target
     if ref.serial:
         return ref.serial
@@ -148,24 +147,14 @@ async def resolve_target(
         return (await site.lun_of(ref.vm, ref.disk)).serial
     if ref.rotate:
         return ref.rotate[(run_number - 1) % len(ref.rotate)]
-    if ref.pool:
-        for serial in ref.pool:
-            if serial in taken:
-                continue
-            if not await site.query(volume=serial):
-                return serial
-        raise StageError(
-            f"{spec.vm} {spec.disk}: no free target in pool {', '.join(ref.pool)}: every volume is in a relationship",
-            retryable=True,
-            kind="pool_exhausted",
-        )
-    raise StageError(f"{spec.vm} {spec.disk}: no target given")
+    raise StageError(f"{spec.vm} {spec.disk}: no target (a pool target must be assigned when the run is planned)")
 
 
-async def prepare(site: Site, unit: UnitSpec, run_number: int) -> list[Pair]:
+async def prepare(site: Site, unit: UnitSpec, run_number: int, tag: str) -> list[Pair]:
     """Resolve every disk to a LUN pair and check the array would accept it.
 
-    Read-only, so redoing it after a crash is always safe. Errors name the VM and disk.
+    Read-only, so redoing it after a crash is always safe. Errors name the VM and disk,
+    and come before any guest is frozen.
     """
     pairs: list[Pair] = []
     taken: set[str] = set()
@@ -181,7 +170,7 @@ async def prepare(site: Site, unit: UnitSpec, run_number: int) -> list[Pair]:
         await site.get_vm(vm)  # UnknownVM with the site's message
     for disk in unit.disks:
         info = await site.lun_of(disk.vm, disk.disk)  # UnknownDisk / NotRawMapped
-        target = await resolve_target(site, disk, info, run_number, taken)
+        target = await resolve_target(site, disk, run_number)
         if target == info.serial:
             raise StageError(f"{disk.vm} {disk.disk}: target {target} is the source itself", kind="bad_target")
         if target in taken:
@@ -202,7 +191,29 @@ async def prepare(site: Site, unit: UnitSpec, run_number: int) -> list[Pair]:
     for p in pairs:
         if p.target in sources:
             raise StageError(f"{p.vm} {p.disk}: {p.target} is both a source and a target in this unit", kind="bad_target")
+        if unit.kind == "backup":
+            await check_target_free(site, unit, p, tag)
     return pairs
+
+
+async def check_target_free(site: Site, unit: UnitSpec, pair: Pair, tag: str) -> None:
+    """Refuse, before any freeze, a target another relationship holds (the array would).
+
+    Allowed: this unit's own relationship (a resumed prepare), and for an incremental unit
+    its recording relationship from the same source (the resync basis).
+    """
+    for rel in await site.query(volume=pair.target):
+        if rel.tag == tag:
+            continue
+        if unit.mode == "incremental" and (rel.source, rel.target) == (pair.source, pair.target) and rel.recording:
+            continue
+        role = "target" if rel.target == pair.target else "source"
+        raise StageError(
+            f"{pair.vm} {pair.disk}: target {pair.target} is already the {role} of relationship "
+            f"{rel.source} -> {rel.target} ({rel.mode.value}, tag {rel.tag or 'none'}, "
+            f"{rel.out_of_sync_tracks} tracks out of sync): withdraw it or choose another target",
+            kind="target_in_relationship",
+        )
 
 
 # --------------------------------------------------------------------------- freeze / release

@@ -318,3 +318,45 @@ units:
     assert summary.units == {"succeeded": 60}, summary.failures
     assert summary.verified
     await assert_invariants(tmp_path, inner)
+
+
+async def test_busy_target_is_refused_in_prepare_before_any_freeze(tmp_path: Path, autojump_clock: Any) -> None:
+    site = load_lab(None)
+    async with site.running():
+        # an admin's hand-made relationship on the second guest's E: (the scenario's target)
+        await site.establish("20714698", "20413698", api.FlashOptions(mode=api.CopyMode.NOCOPY, tag="admin"))
+        async with engine_on(tmp_path, site) as engine:
+            summary = await run_workflow(engine, site, WORKFLOWS / "10-w2k-e-drive.yaml")
+            (unit,) = engine.journal.units(summary.run_id)
+            events = [e.event for e in engine.journal.events(unit_id=unit.unit_id)]
+    assert summary.state == "failed"
+    (reason,) = summary.failures.values()
+    assert "target 20413698 is already the target of relationship 20714698 -> 20413698" in reason
+    assert "freeze" not in events  # refused in prepare: the guest was never quiesced
+    assert (await site.freeze_status("rich-w2k-os-1")).freeze_id == 0
+    assert [r.tag for r in await site.query(volume="20413698")] == ["admin"]  # not ours: untouched
+
+
+async def test_consistency_group_spanning_two_vms_freezes_both_and_establishes_all(tmp_path: Path, autojump_clock: Any) -> None:
+    site = load_lab(None)
+    text = """
+name: two-vm-group
+quiesce: filesystem
+consistency_group: linux-pair
+units:
+  - vm: rhel3-db1
+    disks: [{disk: Disk1, target: "30016698"}]
+  - vm: sles8-db1
+    disks: [{disk: Disk1, target: "30116698"}]
+"""
+    async with site.running():
+        async with engine_on(tmp_path, site) as engine:
+            summary = await run_workflow(engine, site, text)
+            (unit,) = engine.journal.units(summary.run_id)  # one group, one unit
+    assert summary.state == "succeeded" and summary.verified
+    assert set(unit.data["freezes"]) == {"rhel3-db1", "sles8-db1"}
+    assert sorted(p["target"] for p in unit.data["pairs"]) == ["30016698", "30116698"]
+    for vm in ("rhel3-db1", "sles8-db1"):
+        status = await site.freeze_status(vm)
+        assert status.freeze_id == unit.data["freezes"][vm] and not status.frozen and not status.lost
+    await assert_invariants(tmp_path, site)
