@@ -62,14 +62,27 @@ async def invariants(store: Path, url: str, token: Path) -> chaos.Verdict:
         journal.close()
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_sigkill_engine_mid_run_then_resume(tmp_path: Path, seed: int) -> None:
+FAULTS = {
+    "seed": 3,
+    "error_rate": 0.05,  # transient, half of them after the site acted (reply lost)
+    "after_fraction": 0.5,
+    "error_rates": {"now": 0.0, "query": 0.0, "list_vms": 0.0, "list_pools": 0.0, "get_volume": 0.0, "lun_of": 0.0},
+}
+
+
+@pytest.mark.parametrize("seed,faults", [(1, False), (2, True)], ids=["clean-site", "faulty-site"])
+def test_sigkill_engine_mid_run_then_resume(tmp_path: Path, seed: int, faults: bool) -> None:
     site_proc, url, token = start_site(tmp_path, vms=40, speed=4.0)
     try:
         wf = tmp_path / "fleet.yaml"
         wf.write_text(WORKFLOW)
         store = tmp_path / "store"
         common = ["--site", url, "--token-file", str(token), "--store", str(store)]
+        site_args = ["--site", url, "--token-file", str(token)]
+        if faults:
+            plan = tmp_path / "faults.json"
+            plan.write_text(json.dumps(FAULTS))
+            subprocess.run([*FLOWCOPY, "site", "faults", "--set", str(plan), *site_args], check=True, capture_output=True)
         kills, started, code, out = trio.run(
             lambda: chaos.kill_loop(
                 [*FLOWCOPY, "run", str(wf), *common, "--json"],
@@ -83,6 +96,10 @@ def test_sigkill_engine_mid_run_then_resume(tmp_path: Path, seed: int) -> None:
         )
         assert kills >= 1, "the engine finished before it could be killed: make the run longer"
         assert code == 0, out
+        if faults:
+            shown = subprocess.run([*FLOWCOPY, "site", "faults", *site_args], check=True, capture_output=True, text=True)
+            assert sum(json.loads(shown.stdout)["injected"].values()) > 5  # faults really happened
+            subprocess.run([*FLOWCOPY, "site", "faults", "--clear", *site_args], check=True, capture_output=True)
         verdict = trio.run(invariants, store, url, token)
         assert verdict.problems == ()
         assert verdict.units == 40

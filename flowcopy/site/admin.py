@@ -469,7 +469,7 @@ async def faults(client: SiteClient, plan_file: Any, absolute: bool, clear: bool
         except Exception as exc:  # noqa: BLE001 - YAML's own message says where
             raise _Fail(f"{plan_file.name}: not a valid fault plan document: {exc}") from None
         await client.set_faults(plan_from_data(data, where=plan_file.name), absolute=absolute)
-    _emit_json(await client.get_faults())
+    _emit_json(await client.fault_report())
 
 
 @site_group.command("bench")

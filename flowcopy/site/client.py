@@ -271,6 +271,10 @@ class SiteClient:
     async def get_relationship(self, source: str, target: str) -> api.RelationshipInfo:
         return await self._get(f"/flashcopies/{_q(source)}:{_q(target)}", api.RelationshipInfo)
 
+    async def fault_report(self) -> dict[str, Any]:
+        """The plan in force and how many faults it injected per operation so far."""
+        return dict((await self._request("GET", "/faults")).json())
+
     async def get_faults(self) -> FaultPlan:
         return codec.converter.structure((await self._request("GET", "/faults")).json()["plan"], FaultPlan)
 
