@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -164,8 +164,8 @@ class Engine:
         self._holds = LssHolds()
         self._scopes: dict[str, trio.CancelScope] = {}
         self._cancelled_runs: set[str] = set()
-        self.freeze_windows: list[float] = []  # freeze-to-release seconds of trio time, per unit
-        self.reconciled = trio.Event()
+        # freeze-to-release seconds of trio time, per unit; bounded for a long-running service
+        self.freeze_windows: deque[float] = deque(maxlen=100_000)
 
     # ------------------------------------------------------------------ journal helpers
 
@@ -235,7 +235,7 @@ class Engine:
         started = trio.current_time()
         rows = [r for r in self.journal.units(run_id) if r.state not in machine.TERMINAL]
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_cancel, run_id, nursery.cancel_scope)
+            nursery.start_soon(self._watch_cancel, run_id)
             async with trio.open_nursery() as units:
                 for row in rows:
                     units.start_soon(self._drive_unit, self._load(row))
@@ -256,6 +256,7 @@ class Engine:
         else:
             state = "partial"
         await self.journal.finish_run(run_id, state)
+        self._cancelled_runs.discard(run_id)
         for row in rows:
             unit = self.units.pop(row.unit_id, None)
             if unit is not None:
@@ -270,7 +271,6 @@ class Engine:
         run_ids = sorted({row.run_id for row in unfinished} | {r.run_id for r in self.journal.runs() if r.state == "running"})
         summaries: list[RunSummary] = []
         if not run_ids:
-            self.reconciled.set()
             return summaries
         log.info("resuming", runs=len(run_ids), units=len(unfinished))
         results: dict[str, RunSummary] = {}
@@ -281,7 +281,6 @@ class Engine:
         async with trio.open_nursery() as nursery:
             for run_id in run_ids:
                 nursery.start_soon(one, run_id)
-        self.reconciled.set()
         return [results[r] for r in run_ids]
 
     async def cancel(self, run_id: str) -> None:
@@ -294,7 +293,7 @@ class Engine:
             if unit_id.startswith(run_id + "/"):
                 scope.cancel()
 
-    async def _watch_cancel(self, run_id: str, scope: trio.CancelScope) -> None:
+    async def _watch_cancel(self, run_id: str) -> None:
         """Pick up `flowcopy cancel RUN` written by another process into the journal."""
         while True:
             if run_id not in self._cancelled_runs and self.journal.run(run_id).cancel_requested:
@@ -362,7 +361,6 @@ class Engine:
         if limiter is None:
             limiter = self._lss_limiters[lss] = trio.CapacityLimiter(self.limits.per_lss)
         return limiter
-
 
     # ---- steps: one per non-terminal, non-intent state; intent states resume via reconcile
 
@@ -472,6 +470,7 @@ class Engine:
     async def _redo_freeze(self, unit: Unit, problem: str, *, lost: bool = True) -> None:
         """The copy is not consistent: withdraw what this attempt made, thaw, and go again."""
         log.warning("redoing the freeze", problem=problem, lost=lost)
+
         async def undo_attempt() -> None:
             if unit.spec.mode != "incremental":
                 await stages.withdraw_tagged(self.site, unit.tag)
@@ -550,8 +549,6 @@ class Engine:
                 trigger = "cancel" if outcome == "cancelled" else "fail"
                 await self._move(unit, trigger, data={"outcome": outcome, "error": reason}, payload={"reason": reason})
                 log.warning("compensating", outcome=outcome, reason=reason)
-            spec = unit.spec
-            pairs = unit.pairs
             await self._undo(unit)
             await self._move(unit, "compensated_cancel" if unit.data.get("outcome") == "cancelled" else "compensated")
 
