@@ -7,6 +7,7 @@ has no terminal in it. Every error an admin can act on becomes one line and exit
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,12 +18,14 @@ from rich.console import Console
 from rich.live import Live
 
 from flowcopy import logs, runner, views
-from flowcopy.engine import Engine, RunSummary
+from flowcopy.engine import Engine, EngineStopped, RunSummary
 from flowcopy.journal import Journal, JournalCorrupt, JournalError
 from flowcopy.planning import PlanError
 from flowcopy.site.api import SiteError
 
 EXPECTED = (JournalError, SiteError, OSError, PlanError)
+STOPPED = 3
+"""Exit code of a clean stop by SIGTERM/SIGINT: nothing frozen, `flowcopy resume` continues."""
 
 
 def _err(message: str) -> int:
@@ -62,6 +65,11 @@ def _run_trio(fn: Callable[[], Any]) -> tuple[Any, int | None]:
         return None, _err("interrupted; `flowcopy resume` finishes what was in flight")
     except BaseException as exc:
         leaves = [e for e in _leaves(exc) if not isinstance(e, trio.Cancelled)]
+        if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+            return None, _err("stopped at once; `flowcopy resume` reconciles what was in flight")
+        if leaves and all(isinstance(e, EngineStopped) for e in leaves):
+            print(f"flowcopy: {leaves[0]}", file=sys.stderr)
+            return None, STOPPED
         expected = [e for e in leaves if isinstance(e, _expected_errors())]
         if not expected or len(expected) != len(leaves):
             raise
@@ -81,6 +89,7 @@ def run(file: Path, store: Path, *, site_url: str | None, token_file: str | None
 
     async def main() -> tuple[list[RunSummary], RunSummary]:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signals, state)
             if live_view:
                 nursery.start_soon(_live_progress, console, state, file.name)
             elif not as_json:
@@ -103,6 +112,20 @@ def run(file: Path, store: Path, *, site_url: str | None, token_file: str | None
             out.print(f"resumed run {s.run_id}: {s.state}")
         out.print(views.summary_table(summary))
     return 0 if summary.state == "succeeded" and summary.verified else 1
+
+
+async def _stop_on_signals(state: dict[str, Any]) -> None:
+    """First SIGINT/SIGTERM: a clean stop (freeze windows finish their release, nothing new
+    starts). A second one: stop at once, like a crash; `flowcopy resume` reconciles."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            engine: Engine | None = state.get("engine")
+            if engine is None or state.get("stopping"):
+                raise KeyboardInterrupt
+            state["stopping"] = True
+            print("flowcopy: stopping cleanly (freeze windows finish their release); "
+                  "signal again to stop at once", file=sys.stderr, flush=True)
+            engine.stop()
 
 
 async def _live_progress(console: Console, state: dict[str, Any], title: str) -> None:
@@ -138,7 +161,19 @@ async def _line_progress(state: dict[str, Any], title: str) -> None:
 
 def resume(store: Path, *, site_url: str | None, token_file: str | None, as_json: bool) -> int:
     logs.configure(level="info")
-    result, code = _run_trio(lambda: runner.resume_store(store=store, site_url=site_url, token_file=token_file))
+    state: dict[str, Any] = {}
+
+    def on_engine(engine: Engine, run_id: str | None) -> None:
+        state["engine"] = engine
+
+    async def main() -> list[RunSummary]:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signals, state)
+            result = await runner.resume_store(store=store, site_url=site_url, token_file=token_file, on_engine=on_engine)
+            nursery.cancel_scope.cancel()
+            return result
+
+    result, code = _run_trio(main)
     if code is not None:
         return code
     if as_json:

@@ -20,7 +20,8 @@ import math
 import secrets
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -99,6 +100,18 @@ class Unit:
         return str(self.data["tag"])
 
 
+class EngineStopped(Exception):
+    """A clean stop (SIGTERM/SIGINT) left these runs unfinished, with no guest frozen."""
+
+    def __init__(self, runs: Sequence[str], units: int) -> None:
+        super().__init__(
+            f"stopped cleanly: {units} unit(s) of {len(runs)} run(s) left in flight with no guest frozen "
+            "and no consistency group held; `flowcopy resume` continues them"
+        )
+        self.runs = tuple(runs)
+        self.units = units
+
+
 class UnitFailed(Exception):
     def __init__(self, message: str, kind: str = "failed") -> None:
         super().__init__(message)
@@ -164,6 +177,8 @@ class Engine:
         self._holds = LssHolds()
         self._scopes: dict[str, trio.CancelScope] = {}
         self._cancelled_runs: set[str] = set()
+        self._stopping = False
+        self._in_window: set[str] = set()  # units between freeze and release: a stop waits for them
         # freeze-to-release seconds of trio time, per unit; bounded for a long-running service
         self.freeze_windows: deque[float] = deque(maxlen=100_000)
 
@@ -240,7 +255,22 @@ class Engine:
                 for row in rows:
                     units.start_soon(self._drive_unit, self._load(row))
             nursery.cancel_scope.cancel()
+        if self._stopping:
+            left = [u for u in self.journal.units(run_id) if u.state not in machine.TERMINAL]
+            if left:
+                raise EngineStopped([run_id], len(left))
         return await self._finish_run(run_id, trio.current_time() - started)
+
+    def stop(self) -> None:
+        """Clean stop: no new freezes; units inside a freeze window finish their release;
+        every other unit stops where it is (its journal state is resumable as it stands)."""
+        if self._stopping:
+            return
+        self._stopping = True
+        log.warning("stopping: no new freezes, freeze windows finish their release")
+        for unit_id, scope in list(self._scopes.items()):
+            if unit_id not in self._in_window:
+                scope.cancel()
 
     async def _finish_run(self, run_id: str, elapsed: float) -> RunSummary:
         rows = self.journal.units(run_id)
@@ -314,7 +344,7 @@ class Engine:
             reason = ""
             with trio.CancelScope() as scope:
                 self._scopes[unit.unit_id] = scope
-                if unit.run_id in self._cancelled_runs:
+                if unit.run_id in self._cancelled_runs or self._stopping:
                     scope.cancel()
                 try:
                     await self._forward(unit)
@@ -382,9 +412,30 @@ class Engine:
                 kind="freeze_lost",
             )
         async with self._window_limiter:
-            await self._hold(unit)
-            await self._move(unit, "freeze", data={"freeze_attempts": attempts + 1, "freezes": {}})
-            await self._freeze_establish_release(unit)
+            if self._stopping:
+                return await self._stop_here(unit)
+            with self._window(unit):
+                await self._hold(unit)
+                await self._move(unit, "freeze", data={"freeze_attempts": attempts + 1, "freezes": {}})
+                await self._freeze_establish_release(unit)
+        if self._stopping:
+            await self._stop_here(unit)
+
+    @contextmanager
+    def _window(self, unit: Unit) -> Iterator[None]:
+        """Mark a stretch in which a guest may be frozen: a clean stop lets it finish."""
+        self._in_window.add(unit.unit_id)
+        try:
+            yield
+        finally:
+            self._in_window.discard(unit.unit_id)
+
+    async def _stop_here(self, unit: Unit) -> None:
+        """Leave the unit where the journal has it: cancel its own scope and yield."""
+        scope = self._scopes.get(unit.unit_id)
+        if scope is not None:
+            scope.cancel()
+        await trio.lowlevel.checkpoint()
 
     async def _freeze_establish_release(self, unit: Unit) -> None:
         """The hot path: freeze, establish, release — never queued behind copy work.
@@ -581,18 +632,20 @@ class Engine:
         await self._do_prepare(unit)
 
     async def _resume_freezing(self, unit: Unit) -> None:
-        await self._stage(unit, "release", lambda: stages.thaw_all(self.site, unit.spec))
-        await self._move(unit, "redo", payload={"reconciled": "freeze outcome unknown: thawed, redo"})
+        with self._window(unit):
+            await self._stage(unit, "release", lambda: stages.thaw_all(self.site, unit.spec))
+            await self._move(unit, "redo", payload={"reconciled": "freeze outcome unknown: thawed, redo"})
 
     async def _resume_frozen(self, unit: Unit) -> None:
         await self._resume_freezing(unit)
 
     async def _resume_establishing(self, unit: Unit) -> None:
-        await self._hold(unit)
-        try:
-            await self._reconcile_establishing(unit)
-        except FAILURES as exc:
-            await self._compensate(unit, "failed", reason_of(exc, unit))
+        with self._window(unit):
+            await self._hold(unit)
+            try:
+                await self._reconcile_establishing(unit)
+            except FAILURES as exc:
+                await self._compensate(unit, "failed", reason_of(exc, unit))
 
     async def _reconcile_establishing(self, unit: Unit) -> None:
         spec, pairs = unit.spec, unit.pairs
@@ -615,11 +668,13 @@ class Engine:
             f"{len(present)} of {len(wanted)} relationships present" if present else "no relationship present"), lost=False)
 
     async def _resume_established(self, unit: Unit) -> None:
-        await self._move(unit, "release")
-        await self._do_release(unit)
+        with self._window(unit):
+            await self._move(unit, "release")
+            await self._do_release(unit)
 
     async def _resume_releasing(self, unit: Unit) -> None:
-        await self._do_release(unit)
+        with self._window(unit):
+            await self._do_release(unit)
 
     async def _resume_copying(self, unit: Unit) -> None:
         await self._do_copy(unit)

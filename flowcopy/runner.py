@@ -92,9 +92,17 @@ async def run_file(
 
 
 async def resume_store(
-    *, store: Path, site_url: str | None = None, token_file: str | None = None, lab: str | None = None, speed: float = 1.0
+    *,
+    store: Path,
+    site_url: str | None = None,
+    token_file: str | None = None,
+    lab: str | None = None,
+    speed: float = 1.0,
+    on_engine: Callable[[Engine, str | None], Any] | None = None,
 ) -> list[RunSummary]:
     async with open_site(store, site_url, token_file, lab=lab, speed=speed) as site:
         async with open_engine(store, site) as engine:
+            if on_engine:
+                on_engine(engine, None)
             await site.now()
             return await engine.resume()

@@ -360,3 +360,50 @@ units:
         status = await site.freeze_status(vm)
         assert status.freeze_id == unit.data["freezes"][vm] and not status.frozen and not status.lost
     await assert_invariants(tmp_path, site)
+
+
+async def test_clean_stop_lets_freeze_windows_release_and_resume_finishes(tmp_path: Path, autojump_clock: Any) -> None:
+    """SIGTERM's path: no new freezes, units inside a freeze window finish their release,
+    the rest stop where they are; nothing stays frozen; a later resume finishes the run."""
+    from flowcopy.engine import EngineStopped
+
+    inner = generate_lab(30, 4, latency=Latency.zero())
+    site = FailingSite(inner, {})
+
+    async def slow_establish(*args: Any, **kwargs: Any) -> Any:
+        await trio.sleep(5)  # well inside the 30 s freeze timeout
+        return await inner.establish(*args, **kwargs)
+
+    site.establish = slow_establish  # type: ignore[attr-defined]
+    text = """
+name: stop
+quiesce: filesystem
+units:
+  - selector: {backup: nightly}
+    mode: copy
+    disks: [{disk: Disk1, target: {pool: targets}}, {disk: Disk2, target: {pool: targets}}]
+    copy: {action: wait}
+"""
+    async with inner.running():
+        async with engine_on(tmp_path, site, Limits(freezing=8)) as engine:
+            wf = definitions.load_text(text, "stop.yaml")
+            run_id = await engine.begin_run(wf.name, planning.definition_data(wf), await planning.plan_units(wf, site))
+            with pytest.RaisesGroup(EngineStopped, flatten_subgroups=True) as stopped:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(engine.drive_run, run_id)
+                    while engine.progress(run_id).get("establishing", 0) < 8:
+                        await trio.sleep(0.1)
+                    engine.stop()
+            states = {u.unit_id: u.state for u in engine.journal.units(run_id)}
+        (error,) = stopped.value.exceptions
+        assert error.units == 30 and "no guest frozen" in str(error)
+        assert list(states.values()).count("released") >= 8  # the windows open at the stop finished
+        assert "establishing" not in states.values() and "freezing" not in states.values()
+        for vm in await inner.list_vms():
+            status = await inner.freeze_status(vm.name)
+            assert not status.frozen and not status.lost, vm.name
+        assert await inner.frozen_lsses() == []
+        async with engine_on(tmp_path, inner) as engine:
+            (summary,) = await engine.resume()
+    assert summary.state == "succeeded" and summary.units == {"succeeded": 30}
+    await assert_invariants(tmp_path, inner)

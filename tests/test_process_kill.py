@@ -116,3 +116,50 @@ def test_sigkill_engine_mid_run_then_resume(tmp_path: Path, seed: int, faults: b
             site_proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             site_proc.kill()
+
+
+def test_sigterm_is_a_clean_stop_nothing_frozen_then_resume(tmp_path: Path) -> None:
+    """SIGTERM to `flowcopy run` on the embedded site: exit 3, no guest frozen and no LSS
+    held in the site's durable state, and `flowcopy resume` finishes the run."""
+    import time
+
+    from flowcopy.site.persist import open_site
+
+    lab = tmp_path / "lab.json"
+    lab.write_text(json.dumps(generate_lab_spec(150, 4, workloads=4)))
+    wf = tmp_path / "fleet.yaml"
+    wf.write_text(WORKFLOW)
+    store = tmp_path / "store"
+    proc = subprocess.Popen([*FLOWCOPY, "run", str(wf), "--store", str(store), "--lab", str(lab), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            if chaos._has_run(store):
+                journal = Journal.open(store, lock=False)
+                try:
+                    (run,) = journal.runs()
+                    states = [u.state for u in journal.units(run.run_id)]
+                finally:
+                    journal.close()
+                if any(s not in ("pending", "preparing", "prepared") for s in states):
+                    break
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, err[-2000:]
+    assert "stopped cleanly" in err and "no guest frozen" in err
+
+    async def site_state() -> tuple[list[str], list[object]]:
+        async with open_site(store / "site", workloads=False) as site:
+            frozen = [vm.name for vm in await site.list_vms() if (await site.freeze_status(vm.name)).frozen]
+            return frozen, await site.frozen_lsses()
+
+    assert trio.run(site_state) == ([], [])
+    result = subprocess.run([*FLOWCOPY, "resume", "--store", str(store), "--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (summary,) = json.loads(result.stdout)
+    assert summary["units"] == {"succeeded": 150} and summary["verified"] is True
