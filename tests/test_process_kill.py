@@ -163,3 +163,36 @@ def test_sigterm_is_a_clean_stop_nothing_frozen_then_resume(tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr[-2000:]
     (summary,) = json.loads(result.stdout)
     assert summary["units"] == {"succeeded": 150} and summary["verified"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(5))
+def test_long_chaos_many_kills(tmp_path: Path, seed: int) -> None:
+    """By hand (`pytest -m slow`): 300 VMs, 15 SIGKILLs each, on a faulty served site."""
+    site_proc, url, token = start_site(tmp_path, vms=300, speed=4.0)
+    try:
+        wf = tmp_path / "fleet.yaml"
+        wf.write_text(WORKFLOW)
+        store = tmp_path / "store"
+        common = ["--site", url, "--token-file", str(token), "--store", str(store)]
+        plan = tmp_path / "faults.json"
+        plan.write_text(json.dumps({**FAULTS, "seed": seed}))
+        site_args = ["--site", url, "--token-file", str(token)]
+        subprocess.run([*FLOWCOPY, "site", "faults", "--set", str(plan), *site_args], check=True, capture_output=True)
+        kills, _, code, out = trio.run(
+            lambda: chaos.kill_loop(
+                [*FLOWCOPY, "run", str(wf), *common, "--json"],
+                [*FLOWCOPY, "resume", *common, "--json"],
+                store=store, kills=15, min_delay=0.5, max_delay=3.0, seed=seed,
+            )
+        )
+        subprocess.run([*FLOWCOPY, "site", "faults", "--clear", *site_args], check=True, capture_output=True)
+        assert code == 0, out
+        verdict = trio.run(invariants, store, url, token)
+        assert verdict.problems == () and verdict.units == 300
+    finally:
+        site_proc.send_signal(signal.SIGTERM)
+        try:
+            site_proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            site_proc.kill()
