@@ -4,6 +4,7 @@ returns plain data the CLI prints as a table or JSON."""
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 import uuid
@@ -273,12 +274,15 @@ def site_figures() -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for name, size in (("1GiB", 1 << 30), ("1TiB", 1 << 40)):
-        array = Array()
-        array.add_volume("10010698", lss="10", capacity=size)
-        array.add_volume("10110698", lss="10", capacity=size)
-        start = time.perf_counter()
-        array.establish("10010698", "10110698", FlashOptions(), now=0.0)
-        out[f"establish_{name}_us"] = round((time.perf_counter() - start) * 1e6, 1)
+        best = math.inf
+        for _ in range(20):  # best of 20: the first call pays for imports and caches
+            array = Array()
+            array.add_volume("10010698", lss="10", capacity=size)
+            array.add_volume("10110698", lss="10", capacity=size)
+            start = time.perf_counter()
+            array.establish("10010698", "10110698", FlashOptions(), now=0.0)
+            best = min(best, time.perf_counter() - start)
+        out[f"establish_{name}_us"] = round(best * 1e6, 1)
     array = Array()
     for serial in ("10010698", "10110698", "10210698"):
         array.add_volume(serial, lss="10", capacity=1 << 30)
