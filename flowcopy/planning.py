@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
+
 from flowcopy import definitions as d
 from flowcopy.engine import Limits
 from flowcopy.site.api import Site
@@ -109,9 +111,12 @@ async def plan_units(workflow: d.Workflow, site: Site) -> list[UnitSpec]:
                         "vms": merged.vms + tuple(v for v in spec.vms if v not in merged.vms),
                         "disks": merged.disks + spec.disks,
                         "freeze_timeout": min(merged.freeze_timeout, spec.freeze_timeout),
+                        # a group that mixes levels (mixed_quiesce) keeps each VM's own
+                        "vm_quiesce": {**merged.vm_quiesce, **{vm: spec.quiesce for vm in spec.vms}},
                     }
                 )
             else:
+                spec = attrs.evolve(spec, vm_quiesce={vm: spec.quiesce for vm in spec.vms})
                 groups[group] = spec
                 specs.append(spec)
     # replace group placeholders by their merged form, keeping definition order
@@ -120,8 +125,6 @@ async def plan_units(workflow: d.Workflow, site: Site) -> list[UnitSpec]:
 
 
 def _fields(spec: UnitSpec) -> dict[str, Any]:
-    import attrs
-
     return {f.name: getattr(spec, f.name) for f in attrs.fields(UnitSpec)}
 
 
@@ -129,7 +132,6 @@ async def _assign_pools(workflow: d.Workflow, site: Site, specs: list[UnitSpec])
     """Give every pool target its own free volume of the right size, now, in order."""
     if not any(disk.target.pool for spec in specs for disk in spec.disks):
         return specs
-    import attrs
 
     pools = await site.list_pools()
     taken: set[str] = {disk.target.serial for spec in specs for disk in spec.disks if disk.target.serial}

@@ -103,6 +103,7 @@ class UnitSpec:
     disks: tuple[DiskSpec, ...]
     mode: str = "copy"  # copy | nocopy | incremental
     quiesce: str = "filesystem"
+    vm_quiesce: Mapping[str, str] = attrs.field(factory=dict)  # per VM, in a group that mixes levels
     freeze_timeout: float = 30.0
     copy_action: str = "wait"  # wait | export | mount_check | none
     copy_to: str | None = None  # export folder (relative to the store)
@@ -219,22 +220,23 @@ async def check_target_free(site: Site, unit: UnitSpec, pair: Pair, tag: str) ->
 # --------------------------------------------------------------------------- freeze / release
 
 
-def level_of(unit: UnitSpec) -> QuiesceLevel:
-    return QuiesceLevel(unit.quiesce)
+def level_of(unit: UnitSpec, vm: str) -> QuiesceLevel:
+    """A VM's quiesce level: its own in a group that mixes levels, else the unit's."""
+    return QuiesceLevel(unit.vm_quiesce.get(vm, unit.quiesce))
 
 
 async def freeze(site: Site, unit: UnitSpec, limiter: trio.CapacityLimiter) -> dict[str, int]:
     """Quiesce every VM of the unit at once; returns each VM's freeze id (journaled).
 
-    If one VM refuses, the others are thawed by the engine's compensation (it thaws all
-    VMs of the unit, idempotently), so nothing stays frozen.
+    If one guest refuses, every guest of the unit is thawed again before the error goes
+    up, so a retry starts from thawed guests and a failure leaves nothing frozen.
     """
-    level = level_of(unit)
     tickets: dict[str, int] = {}
-    if level is QuiesceLevel.NONE:
-        return tickets
 
     async def one(vm: str) -> None:
+        level = level_of(unit, vm)
+        if level is QuiesceLevel.NONE:
+            return
         async with limiter:
             try:
                 ticket = await site.quiesce(vm, level, unit.freeze_timeout)
@@ -250,8 +252,6 @@ async def freeze(site: Site, unit: UnitSpec, limiter: trio.CapacityLimiter) -> d
     try:
         await concurrently(*(functools.partial(one, vm) for vm in unit.vms))
     except Exception:
-        # one guest refused (or its reply was lost after it froze): thaw every guest of
-        # the unit — thaw is idempotent — before anyone retries or fails
         with trio.CancelScope(shield=True):
             for vm in unit.vms:
                 try:
@@ -271,17 +271,19 @@ def frozen_lsses(pairs: Sequence[Pair]) -> list[str]:
     return sorted({p.source_lss for p in pairs})
 
 
-async def thaw_all(site: Site, unit: UnitSpec) -> list[api.ThawResult]:
-    results: list[api.ThawResult] = []
-    if level_of(unit) is QuiesceLevel.NONE and unit.kind != "restore":
-        return results
-    for vm in unit.vms:
-        results.append(await site.thaw(vm))
-        if level_of(unit) is QuiesceLevel.POWEROFF or unit.kind == "restore":
-            info = await site.get_vm(vm)
-            if info.power is api.PowerState.OFF:
+async def thaw_all(site: Site, unit: UnitSpec) -> None:
+    """Thaw every quiesced guest of the unit at once (powering on a powered-off one)."""
+
+    async def one(vm: str) -> None:
+        level = level_of(unit, vm)
+        if level is QuiesceLevel.NONE and unit.kind != "restore":
+            return
+        await site.thaw(vm)
+        if level is QuiesceLevel.POWEROFF or unit.kind == "restore":
+            if (await site.get_vm(vm)).power is api.PowerState.OFF:
                 await site.power_on(vm)
-    return results
+
+    await concurrently(*(functools.partial(one, vm) for vm in unit.vms))
 
 
 async def freeze_problems(

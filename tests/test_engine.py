@@ -407,3 +407,28 @@ units:
             (summary,) = await engine.resume()
     assert summary.state == "succeeded" and summary.units == {"succeeded": 30}
     await assert_invariants(tmp_path, inner)
+
+
+async def test_group_mixing_quiesce_levels_freezes_each_vm_at_its_own(tmp_path: Path, autojump_clock: Any) -> None:
+    site = load_lab(None)
+    text = """
+name: mixed-group
+consistency_group: mixed
+mixed_quiesce: true
+units:
+  - vm: rhel3-db1
+    quiesce: filesystem
+    disks: [{disk: Disk1, target: "30016698"}]
+  - vm: sles8-db1
+    quiesce: none
+    disks: [{disk: Disk1, target: "30116698"}]
+"""
+    async with site.running():
+        async with engine_on(tmp_path, site) as engine:
+            summary = await run_workflow(engine, site, text)
+            (unit,) = engine.journal.units(summary.run_id)
+    assert summary.state == "succeeded" and summary.verified
+    assert set(unit.data["freezes"]) == {"rhel3-db1"}  # sles8-db1 was never quiesced
+    assert (await site.freeze_status("sles8-db1")).freeze_id == 0
+    assert (await site.freeze_status("rhel3-db1")).freeze_id == unit.data["freezes"]["rhel3-db1"]
+    await assert_invariants(tmp_path, site)
