@@ -179,3 +179,141 @@ async def kill_loop(
     argv = argv_resume if _has_run(store) else argv_first
     result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False, env=environment)
     return done, started + 1, result.returncode, result.stdout.decode() + result.stderr.decode()[-3000:]
+
+
+# --------------------------------------------------------------------------- flowcopy chaos
+
+CHAOS_WORKFLOW = """
+name: chaos
+quiesce: filesystem
+retry: {max_attempts: 10, initial_interval: 1s, max_interval: 5s}
+units:
+  - selector: {backup: nightly}
+    mode: copy
+    disks:
+      - {disk: Disk1, target: {pool: targets}}
+      - {disk: Disk2, target: {pool: targets}}
+    copy: {action: wait}
+"""
+"""Every VM of a generated lab, both disks, copy mode, with a retry policy patient enough
+for a site that fails a few percent of its calls."""
+
+
+@attrs.frozen
+class ChaosReport:
+    vms: int
+    kills: int
+    processes: int
+    final_exit: int
+    faults_injected: int
+    seconds: float
+    verdict: Verdict
+    run_state: str
+    output: str
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict.ok and self.final_exit == 0 and self.run_state == "succeeded"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ok": self.ok, "vms": self.vms, "kills": self.kills, "processes": self.processes,
+            "final_exit": self.final_exit, "faults_injected": self.faults_injected,
+            "seconds": round(self.seconds, 2), "run_state": self.run_state,
+            "problems": list(self.verdict.problems), "units": self.verdict.units,
+        }
+
+
+class ServedSite:
+    """`flowcopy site serve` in its own process, on a loopback port it picks itself."""
+
+    def __init__(self, directory: Path, lab: dict, speed: float) -> None:
+        import json
+        import re
+        import subprocess
+        import sys
+
+        lab_file = directory / "lab.json"
+        lab_file.write_text(json.dumps(lab))  # JSON is YAML
+        self.state = directory / "site"
+        self.token = self.state / "token"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "flowcopy", "site", "serve", "--lab", str(lab_file), "--state", str(self.state),
+             "--port", "0", "--speed", str(speed)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        assert self.proc.stdout is not None
+        for _ in range(5):
+            match = re.search(r"listening on (http://\S+)", self.proc.stdout.readline())
+            if match:
+                self.url = match.group(1)
+                return
+        self.proc.kill()
+        raise RuntimeError("the served site did not say where it listens")
+
+    def close(self) -> None:
+        import signal
+        import subprocess
+
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+async def run_chaos(
+    directory: Path,
+    *,
+    vms: int = 100,
+    kills: int = 10,
+    seed: int = 0,
+    error_rate: float = 0.0,
+    speed: float = 4.0,
+    min_delay: float = 0.5,
+    max_delay: float = 2.0,
+) -> ChaosReport:
+    """Serve a generated lab, run the chaos workflow against it and SIGKILL the engine
+    `kills` times (`flowcopy resume` after the first), let the last one finish, and check
+    every invariant from the served site's own state and the journal."""
+    import sys
+    import time
+
+    from flowcopy.site.client import connect_site
+    from flowcopy.site.faults import FaultPlan
+    from flowcopy.site.inventory import generate_lab_spec
+
+    directory.mkdir(parents=True, exist_ok=True)
+    site = ServedSite(directory, generate_lab_spec(vms, 4, workloads=min(vms, 6)), speed)
+    started = time.monotonic()
+    try:
+        workflow = directory / "chaos.yaml"
+        workflow.write_text(CHAOS_WORKFLOW)
+        store = directory / "store"
+        common = ["--site", site.url, "--token-file", str(site.token), "--store", str(store), "--json"]
+        flowcopy = [sys.executable, "-m", "flowcopy"]
+        async with connect_site(site.url, site.token) as client:
+            if error_rate:
+                reads = ("now", "query", "list_vms", "list_pools", "get_volume", "lun_of")
+                await client.set_faults(FaultPlan(seed=seed, error_rate=error_rate, after_fraction=0.5,
+                                                  error_rates={op: 0.0 for op in reads}))
+            done, processes, code, output = await kill_loop(
+                [*flowcopy, "run", str(workflow), *common], [*flowcopy, "resume", *common],
+                store=store, kills=kills, min_delay=min_delay, max_delay=max_delay, seed=seed,
+            )
+            injected = sum(dict((await client.fault_report()).get("injected", {})).values())
+            await client.clear_faults()
+            journal = Journal.open(store, lock=False)
+            try:
+                verdict = await check_invariants(journal, client)
+                runs = journal.runs()
+            finally:
+                journal.close()
+    finally:
+        site.close()
+    return ChaosReport(
+        vms=vms, kills=done, processes=processes, final_exit=code, faults_injected=injected,
+        seconds=time.monotonic() - started, verdict=verdict,
+        run_state=runs[0].state if runs else "none", output=output,
+    )
