@@ -183,20 +183,17 @@ async def kill_loop(
 
 # --------------------------------------------------------------------------- flowcopy chaos
 
-CHAOS_WORKFLOW = """
-name: chaos
-quiesce: filesystem
-retry: {max_attempts: 10, initial_interval: 1s, max_interval: 5s}
-units:
-  - selector: {backup: nightly}
-    mode: copy
-    disks:
-      - {disk: Disk1, target: {pool: targets}}
-      - {disk: Disk2, target: {pool: targets}}
-    copy: {action: wait}
-"""
-"""Every VM of a generated lab, both disks, copy mode, with a retry policy patient enough
-for a site that fails a few percent of its calls."""
+def _chaos_workflow() -> str:
+    from flowcopy.bench import BENCH_WORKFLOW
+
+    return BENCH_WORKFLOW.replace("name: bench\n", "name: chaos\n").replace(
+        "quiesce: filesystem\n", "quiesce: filesystem\nretry: {max_attempts: 10, initial_interval: 1s, max_interval: 5s}\n"
+    )
+
+
+CHAOS_WORKFLOW = _chaos_workflow()
+"""The benchmark's fleet workflow (every VM of a generated lab, both disks, copy mode,
+pool targets) with a retry policy patient enough for a site failing a few % of calls."""
 
 
 @attrs.frozen

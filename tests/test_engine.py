@@ -299,18 +299,7 @@ async def test_transient_array_and_guest_faults_are_retried(tmp_path: Path, auto
                      error_rates={"now": 0.0, "check": 0.0, "list_vms": 0.0, "list_pools": 0.0, "lun_of": 0.0,
                                   "get_volume": 0.0, "query": 0.0})
     site = FaultySite(inner, plan)
-    text = """
-name: faulty
-quiesce: filesystem
-retry: {max_attempts: 10, initial_interval: 1s, max_interval: 10s}
-units:
-  - selector: {backup: nightly}
-    mode: copy
-    disks:
-      - {disk: Disk1, target: {pool: targets}}
-      - {disk: Disk2, target: {pool: targets}}
-    copy: {action: wait}
-"""
+    text = chaos.CHAOS_WORKFLOW
     async with inner.running():
         async with engine_on(tmp_path, site) as engine:
             summary = await run_workflow(engine, site, text)
