@@ -87,11 +87,13 @@ def status_json(runs: Sequence[RunRow], units_by_run: Mapping[str, Sequence[Unit
 
 def print_history(console: Console, events: Sequence[Any]) -> None:
     table = Table(title="events", header_style="bold")
-    for col in ("unit", "seq", "from", "event", "to", "detail"):
-        table.add_column(col)
+    for col in ("unit", "seq", "at (s)", "from", "event", "to", "detail"):
+        table.add_column(col, justify="right" if col == "at (s)" else "left")
+    start = min((e.time for e in events), default=0.0)
     for e in events:
         detail = ", ".join(f"{k}={v}" for k, v in e.payload.items()) if e.payload else ""
-        table.add_row(e.unit_id.rsplit("/", 1)[-1], str(e.seq), e.from_state, e.event, e.to_state, detail[:120])
+        table.add_row(e.unit_id.rsplit("/", 1)[-1], str(e.seq), f"{e.time - start:.3f}", e.from_state, e.event,
+                      e.to_state, detail[:120])
     console.print(table)
 
 
