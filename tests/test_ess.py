@@ -621,3 +621,11 @@ def test_demo_shows_the_point_in_time_image() -> None:
     assert "Target 20413698 still holds the point-in-time image of 20313698" in text
     result = CliRunner().invoke(main, ["demo"])
     assert result.exit_code == 0 and "still holds the point-in-time image" in result.output
+
+
+def test_list_disks_in_the_order_a_host_shows_them() -> None:
+    array = Array()
+    for i, name in enumerate(["Disk10", "Disk2", "Disk1", "vmfs1"]):
+        array.add_volume(f"{300 + i}13698", lss="13", capacity=64 * 1024)
+        array.map_lun("esx1", name, f"{300 + i}13698")
+    assert [d.name for d in array.list_disks("esx1")] == ["Disk1", "Disk2", "Disk10", "vmfs1"]

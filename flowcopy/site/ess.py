@@ -346,6 +346,11 @@ class _Rel:
 # --------------------------------------------------------------------------- the core
 
 
+
+def _natural(name: str) -> tuple[object, ...]:
+    """Disk2 before Disk10, as a host lists them."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
 class Array:
     """One ESS box: volumes, host mappings, saved tasks, FlashCopy relationships, LSS freezes."""
 
@@ -977,7 +982,7 @@ class Array:
         primed = self._primed.get(host, {})
         return [
             HostDisk(host=host, name=name, serial=disks[name], primed_name=primed.get(name))
-            for name in sorted(disks)
+            for name in sorted(disks, key=_natural)
         ]
 
     def prime(self, host: str, names: Mapping[str, str]) -> list[HostDisk]:
