@@ -188,7 +188,8 @@ def build_site(lab: Mapping[str, Any], *, source: str = "<lab>", **site_kwargs: 
 
 def _build(lab: object, where: _Where) -> tuple[Array, Farm, dict[str, Any], list[Any]]:
     doc = _mapping(lab, where, "")
-    _keys(doc, {"lab", "description", "arrays", "pools", "hosts", "vms", "workloads", "host_luns"}, {"arrays", "hosts"}, where, "lab")
+    # `faults:` is read by the durable and served site (persist.py), which apply it
+    _keys(doc, {"lab", "description", "arrays", "pools", "hosts", "vms", "workloads", "host_luns", "faults"}, {"arrays", "hosts"}, where, "lab")
     name = _str(doc, "lab", where, "lab", default="lab")
     description = str(doc.get("description", "") or "")
     host_luns = str(doc.get("host_luns", "all"))
