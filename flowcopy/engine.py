@@ -559,6 +559,10 @@ class Engine:
             if spec.kind == "restore":
                 return self._verdict(await stages.verify(site, spec, pairs, image_of_source=True))
             if spec.copy_action == "export":
+                if spec.copy_host:  # the backup host mounts the targets first: it must see them whole
+                    mounted = await site.mount_check(spec.copy_host, [p.target for p in pairs])
+                    if not mounted.consistent:
+                        return self._verdict(mounted)
                 folder = self.store / (spec.copy_to or "exports") / unit.run_id
                 exported = await stages.export(site, pairs, folder)
                 report = await trio.to_thread.run_sync(stages.check_exported, [e["path"] for e in exported])

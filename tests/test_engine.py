@@ -421,3 +421,41 @@ units:
     assert (await site.freeze_status("sles8-db1")).freeze_id == 0
     assert (await site.freeze_status("rhel3-db1")).freeze_id == unit.data["freezes"]["rhel3-db1"]
     await assert_invariants(tmp_path, site)
+
+
+async def test_nightly_export_files_match_their_checksums_and_check_consistent(tmp_path: Path, autojump_clock: Any) -> None:
+    import hashlib
+
+    from flowcopy import stages
+
+    site = load_lab(None)
+    async with site.running():
+        async with engine_on(tmp_path, site) as engine:
+            summary = await run_workflow(engine, site, WORKFLOWS / "30-nightly-nocopy-export.yaml")
+            units = engine.journal.units(summary.run_id)
+    assert summary.state == "succeeded" and summary.verified and len(units) == 4
+    for unit in units:
+        paths = [e["path"] for e in unit.data["exports"]]
+        assert len(paths) == 3  # /data, /db/log, /db/data
+        for export in unit.data["exports"]:
+            path = Path(export["path"])
+            assert path.is_relative_to(tmp_path / "exports" / "nightly" / summary.run_id)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            assert digest == export["sha256"]
+            assert path.with_suffix(".img.sha256").read_text() == f"{digest}  {path.name}\n"
+        report = stages.check_exported(paths)
+        assert report.consistent and set(report.kind.split("+")) <= {"database", "filesystem"}, report
+    # nocopy: nothing left on the array once exported
+    assert [r for r in await site.query() if (r.tag or "").startswith("fc:")] == []
+
+
+async def test_export_through_an_unknown_backup_host_fails_with_its_name(tmp_path: Path, autojump_clock: Any) -> None:
+    site = load_lab(None)
+    text = (WORKFLOWS / "30-nightly-nocopy-export.yaml").read_text().replace("host: backup-proxy", "host: no-such-proxy")
+    async with site.running():
+        async with engine_on(tmp_path, site) as engine:
+            summary = await run_workflow(engine, site, text)
+    assert summary.state == "failed"
+    assert all("no-such-proxy" in reason for reason in summary.failures.values()), summary.failures
+    assert [r for r in await site.query() if (r.tag or "").startswith("fc:")] == []
+    await assert_invariants(tmp_path, site)
