@@ -201,13 +201,13 @@ async def check_target_free(site: Site, unit: UnitSpec, pair: Pair, tag: str) ->
     """Refuse, before any freeze, a target another relationship holds (the array would).
 
     Allowed: this unit's own relationship (a resumed prepare), and for an incremental unit
-    its recording relationship from the same source (the resync basis).
+    its recording relationship with the same pair (the resync basis, either direction).
     """
     for rel in await site.query(volume=pair.target):
         if rel.tag == tag:
             continue
-        if unit.mode == "incremental" and (rel.source, rel.target) == (pair.source, pair.target) and rel.recording:
-            continue
+        if unit.mode == "incremental" and {rel.source, rel.target} == {pair.source, pair.target} and rel.recording:
+            continue  # the resync basis, or the same pair turned round by a restore
         role = "target" if rel.target == pair.target else "source"
         raise StageError(
             f"{pair.vm} {pair.disk}: target {pair.target} is already the {role} of relationship "
@@ -342,9 +342,15 @@ async def establish(site: Site, unit: UnitSpec, pairs: Sequence[Pair], tag: str)
             last = max(last, present[(pair.source, pair.target)].synced)
             continue
         if unit.mode == "incremental":
-            existing = [r for r in await site.query(volume=pair.source) if r.target == pair.target]
+            existing = [r for r in await site.query(volume=pair.source) if {r.source, r.target} == {pair.source, pair.target}]
             if existing and existing[0].recording:
-                info = await site.resync(pair.source, pair.target, freeze=options.freeze, tag=tag)
+                rel = existing[0]
+                if (rel.source, rel.target) == (pair.source, pair.target):
+                    info = await site.resync(pair.source, pair.target, freeze=options.freeze, tag=tag)
+                else:
+                    # a reverse restore turned the pair round: reverse it back, which copies
+                    # only the tracks changed since and makes the target the image of now
+                    info = await site.reverse(rel.source, rel.target, tag=tag)
                 last = max(last, info.synced)
                 continue
         info = await site.establish(pair.source, pair.target, options)

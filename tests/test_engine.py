@@ -459,3 +459,38 @@ async def test_export_through_an_unknown_backup_host_fails_with_its_name(tmp_pat
     assert all("no-such-proxy" in reason for reason in summary.failures.values()), summary.failures
     assert [r for r in await site.query() if (r.tag or "").startswith("fc:")] == []
     await assert_invariants(tmp_path, site)
+
+
+async def _image(site: Any, serial: str) -> bytes:
+    """A volume's written bytes, extent by extent (what a restore must bring back)."""
+    out = bytearray()
+    for extent in await site.extents(serial):
+        out += extent.offset.to_bytes(8, "big") + await site.read(serial, extent.offset, extent.length)
+    return bytes(out)
+
+
+async def test_incremental_backups_restore_and_backup_again(tmp_path: Path, autojump_clock: Any) -> None:
+    """50 twice (establish, then resync), 60 (reverse restore: the source is again the
+    last backup, byte for byte), then 50 again (the pair turned back, changed tracks only)."""
+    site = load_lab(None)
+    source, target = "24014698", "36116698"
+    async with site.running():
+        async with engine_on(tmp_path, site) as engine:
+            first = await run_workflow(engine, site, WORKFLOWS / "50-incremental.yaml")
+            await trio.sleep(30)  # the guest's filesystem workload keeps writing
+            second = await run_workflow(engine, site, WORKFLOWS / "50-incremental.yaml")
+            await site.stop_workload("sles9-fs")  # the admin stops the application before a restore
+            backup = await _image(site, target)
+            await trio.sleep(30)
+            assert await _image(site, source) != backup  # the source moved on since the backup
+            restore = await run_workflow(engine, site, WORKFLOWS / "60-restore-incremental.yaml")
+            assert await _image(site, source) == backup  # restored to the backup, byte for byte
+            third = await run_workflow(engine, site, WORKFLOWS / "50-incremental.yaml")
+            calls = {s.run_id: [e.event for e in engine.journal.events(run_id=s.run_id)] for s in (first, second, third)}
+    for summary in (first, second, restore, third):
+        assert summary.state == "succeeded" and summary.verified, summary.failures
+    assert all(events[-1] == "succeed" for events in calls.values())
+    (rel,) = await site.query(volume=target)
+    assert (rel.source, rel.target, rel.recording) == (source, target, True)  # kept, forward again
+    assert rel.tag is not None and rel.tag.startswith(f"fc:{third.run_id}:")
+    await assert_invariants(tmp_path, site)
