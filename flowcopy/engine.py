@@ -20,8 +20,8 @@ import math
 import secrets
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -175,6 +175,7 @@ class Engine:
         self._window_limiter = trio.CapacityLimiter(self.limits.freezing)
         self._lss_limiters: dict[str, trio.CapacityLimiter] = {}
         self._holds = LssHolds()
+        self._vm_lock: dict[str, trio.Lock] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
         self._cancelled_runs: set[str] = set()
         self._stopping = False
@@ -415,11 +416,25 @@ class Engine:
             if self._stopping:
                 return await self._stop_here(unit)
             with self._window(unit):
-                await self._hold(unit)
-                await self._move(unit, "freeze", data={"freeze_attempts": attempts + 1, "freezes": {}})
-                await self._freeze_establish_release(unit)
+                async with self._vm_locks(unit):
+                    await self._hold(unit)
+                    await self._move(unit, "freeze", data={"freeze_attempts": attempts + 1, "freezes": {}})
+                    await self._freeze_establish_release(unit)
         if self._stopping:
             await self._stop_here(unit)
+
+    @asynccontextmanager
+    async def _vm_locks(self, unit: Unit) -> AsyncIterator[None]:
+        """One freeze window per VM at a time: two runs that share a VM (overlapping
+        schedules, a resumed run beside a new one) would otherwise thaw each other's freeze."""
+        locks = [self._vm_lock.setdefault(vm, trio.Lock()) for vm in sorted(set(unit.spec.vms))]
+        for lock in locks:
+            await lock.acquire()
+        try:
+            yield
+        finally:
+            for lock in reversed(locks):
+                lock.release()
 
     @contextmanager
     def _window(self, unit: Unit) -> Iterator[None]:

@@ -494,3 +494,30 @@ async def test_incremental_backups_restore_and_backup_again(tmp_path: Path, auto
     assert (rel.source, rel.target, rel.recording) == (source, target, True)  # kept, forward again
     assert rel.tag is not None and rel.tag.startswith(f"fc:{third.run_id}:")
     await assert_invariants(tmp_path, site)
+
+
+async def test_two_runs_sharing_a_vm_never_overlap_their_freezes(tmp_path: Path, autojump_clock: Any) -> None:
+    """Two workflows on rich-w2k-os-1 at once (E: and the SQL group): each freeze window
+    waits for the other, so neither thaws the other's freeze and no freeze is lost."""
+    inner = load_lab(None)
+    site = FailingSite(inner, {})
+
+    async def slow_establish(*args: Any, **kwargs: Any) -> Any:
+        await trio.sleep(1)  # a freeze window long enough for the other run to walk into
+        return await inner.establish(*args, **kwargs)
+
+    site.establish = slow_establish  # type: ignore[attr-defined]
+    async with inner.running():
+        async with engine_on(tmp_path, site) as engine:
+            results: dict[str, Any] = {}
+
+            async def one(name: str) -> None:
+                results[name] = await run_workflow(engine, site, WORKFLOWS / name)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, "10-w2k-e-drive.yaml")
+                nursery.start_soon(one, "20-sql-consistency-group.yaml")
+            redo = [e for s in results.values() for e in engine.journal.events(run_id=s.run_id) if e.event == "redo"]
+    assert all(s.state == "succeeded" and s.verified for s in results.values())
+    assert redo == []
+    await assert_invariants(tmp_path, inner)
