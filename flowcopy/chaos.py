@@ -113,17 +113,23 @@ async def check_invariants(journal: Journal, site: Site, *, recheck_images: bool
     return Verdict(tuple(problems), len(runs), len(units), kept, checked)
 
 
-def _has_run(store: Path) -> bool:
+def store_state(store: Path) -> tuple[int, bool]:
+    """(runs in the store's journal, whether any of them is unfinished)."""
     if not (store / "journal.sqlite").exists():
-        return False
+        return 0, False
     try:
         journal = Journal.open(store, lock=False)
     except Exception:  # noqa: BLE001 - a store killed before its first migration
-        return False
+        return 0, False
     try:
-        return bool(journal.runs())
+        runs = journal.runs()
+        return len(runs), any(r.state == "running" for r in runs)
     finally:
         journal.close()
+
+
+def _has_run(store: Path) -> bool:
+    return store_state(store)[0] > 0
 
 
 def summarize(verdicts: Iterable[Verdict]) -> str:
@@ -148,9 +154,11 @@ async def kill_loop(
 ) -> tuple[int, int, int, str]:
     """Start the engine, SIGKILL it after a random delay, `kills` times; then let it finish.
 
-    Until the store holds a run, each process runs `argv_first` (e.g. `flowcopy run
-    FILE`); after that `argv_resume` (`flowcopy resume`). Delays are drawn from a seeded RNG so a failing
-    run can be replayed. Returns (kills done, processes started, last exit code, last stdout).
+    While the store holds an unfinished run each process runs `argv_resume` (`flowcopy
+    resume`); otherwise `argv_first` (`flowcopy run FILE`) starts a new run — so a run that
+    finishes before all kills are spent is followed by another, and `--kills 500` means
+    500 SIGKILLs. Delays come from a seeded RNG so a failing run can be replayed.
+    Returns (kills done, processes started, last exit code, last output).
     """
     import os
     import random
@@ -163,20 +171,18 @@ async def kill_loop(
     done = 0
     started = 0
     environment = {**os.environ, **(env or {})}
-    while done < kills:
-        argv = argv_resume if _has_run(store) else argv_first
+    while done < kills and started < 5 * kills + 5:
+        argv = argv_resume if store_state(store)[1] else argv_first
         started += 1
         proc = await trio.lowlevel.open_process(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
-        delay = rng.uniform(min_delay, max_delay)
-        with trio.move_on_after(delay):
+        with trio.move_on_after(rng.uniform(min_delay, max_delay)):
             await proc.wait()
         if proc.returncode is None:
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
             done += 1
-        elif _has_run(store):
-            break  # it finished before we could kill it: nothing left to kill
-    argv = argv_resume if _has_run(store) else argv_first
+    runs, _ = store_state(store)
+    argv = argv_resume if runs else argv_first
     result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False, env=environment)
     return done, started + 1, result.returncode, result.stdout.decode() + result.stderr.decode()[-3000:]
 
@@ -205,8 +211,14 @@ class ChaosReport:
     faults_injected: int
     seconds: float
     verdict: Verdict
-    run_state: str
+    run_states: tuple[str, ...]
     output: str
+
+    @property
+    def run_state(self) -> str:
+        """'succeeded' when every run did, else the states seen."""
+        states = sorted(set(self.run_states))
+        return "none" if not states else states[0] if len(states) == 1 else "+".join(states)
 
     @property
     def ok(self) -> bool:
@@ -216,7 +228,7 @@ class ChaosReport:
         return {
             "ok": self.ok, "vms": self.vms, "kills": self.kills, "processes": self.processes,
             "final_exit": self.final_exit, "faults_injected": self.faults_injected,
-            "seconds": round(self.seconds, 2), "run_state": self.run_state,
+            "seconds": round(self.seconds, 2), "run_state": self.run_state, "runs": len(self.run_states),
             "problems": list(self.verdict.problems), "units": self.verdict.units,
         }
 
@@ -312,5 +324,5 @@ async def run_chaos(
     return ChaosReport(
         vms=vms, kills=done, processes=processes, final_exit=code, faults_injected=injected,
         seconds=time.monotonic() - started, verdict=verdict,
-        run_state=runs[0].state if runs else "none", output=output,
+        run_states=tuple(r.state for r in runs), output=output,
     )

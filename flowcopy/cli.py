@@ -232,7 +232,7 @@ def chaos(vms: int, kills: int, seed: int, error_rate: float, speed: float, min_
         verdict = "all invariants hold" if report.ok else "INVARIANTS BROKEN"
         click.echo(f"chaos: {report.vms} VMs, {report.kills} SIGKILLs over {report.processes} engine processes, "
                    f"{report.faults_injected} injected site faults, {report.seconds:.1f} s")
-        click.echo(f"run {report.run_state}; {report.verdict.units} units checked, "
+        click.echo(f"{len(report.run_states)} run(s), {report.run_state}; {report.verdict.units} units checked, "
                    f"{report.verdict.checked_images} images re-checked: {verdict}")
         for problem in report.verdict.problems:
             click.echo(f"  - {problem}")
