@@ -238,3 +238,40 @@ def chaos(vms: int, kills: int, seed: int, error_rate: float, speed: float, min_
             click.echo(f"  - {problem}")
         click.echo(f"work folder: {folder}")
     sys.exit(0 if report.ok else 1)
+
+
+# ---- serve ------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path), default=Path("workflows"))
+@_store_option
+@_site_option
+@_token_option
+@click.option("--speed", type=float, default=1.0, show_default=True,
+              help="Clock speed of the embedded site and of the cron clock (demos, tests).")
+def serve(folder: Path, store: Path | None, site_url: str | None, token_file: str | None, speed: float) -> None:
+    """Run the scheduled workflows of FOLDER on cron until SIGTERM/SIGINT (SIGHUP: reload)."""
+    from flowcopy import commands
+
+    sys.exit(commands.serve(folder, _store(store), site_url=site_url, token_file=token_file, speed=speed))
+
+
+@main.command()
+@click.argument("name")
+@_store_option
+def pause(name: str, store: Path | None) -> None:
+    """Stop firing workflow NAME (runs in flight go on) until `flowcopy unpause NAME`."""
+    from flowcopy import commands
+
+    sys.exit(commands.pause(_store(store), name, True))
+
+
+@main.command()
+@click.argument("name")
+@_store_option
+def unpause(name: str, store: Path | None) -> None:
+    """Fire workflow NAME on its schedule again."""
+    from flowcopy import commands
+
+    sys.exit(commands.pause(_store(store), name, False))

@@ -272,3 +272,39 @@ def demo(store: Path, *, speed: float) -> int:
     )
     console.print(f"journal and site state are in {store}/ — try `flowcopy status --store {store}`")
     return worst
+
+
+# ---- serve, pause, unpause ----------------------------------------------------------
+
+
+def serve(folder: Path, store: Path, *, site_url: str | None, token_file: str | None, speed: float) -> int:
+    """`flowcopy serve`: JSON log lines on stderr; 0 after a clean stop (what was left in
+    flight is said in one line), 2 with one line if it cannot start."""
+    from flowcopy import scheduler
+
+    if speed <= 0:
+        return _err(f"--speed must be a positive number, not {speed}")
+    logs.configure(json=True, level="info")
+    try:
+        report, code = _run_trio(lambda: scheduler.serve(folder, store=store, site_url=site_url, token_file=token_file, speed=speed))
+    except BaseException as exc:
+        leaves = [e for e in _leaves(exc) if isinstance(e, scheduler.ServeError | scheduler.PauseStateError)]
+        if not leaves or len(leaves) != len(_leaves(exc)):
+            raise
+        return _err(str(leaves[0]))
+    if code is not None:
+        return code
+    print(f"flowcopy: {report.message()}", file=sys.stderr)
+    return 0
+
+
+def pause(store: Path, name: str, paused: bool) -> int:
+    from flowcopy import scheduler
+
+    try:
+        changed = scheduler.pause(store, name, paused)
+    except (scheduler.PauseStateError, OSError) as exc:
+        return _err(str(exc))
+    word = "paused" if paused else "unpaused"
+    print(f"{name} {word}" + ("" if changed else " already") + "; a running `flowcopy serve` sees it at the next fire")
+    return 0
