@@ -8,7 +8,6 @@ checks a served site exactly as the in-process one.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path
 
 import attrs
@@ -131,11 +130,6 @@ def store_state(store: Path) -> tuple[int, bool]:
 def _has_run(store: Path) -> bool:
     return store_state(store)[0] > 0
 
-
-def summarize(verdicts: Iterable[Verdict]) -> str:
-    vs = list(verdicts)
-    bad = [p for v in vs for p in v.problems]
-    return f"{len(vs)} checks, {len(bad)} problems" + ("" if not bad else ": " + "; ".join(bad[:5]))
 
 
 # --------------------------------------------------------------------------- the kill loop

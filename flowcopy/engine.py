@@ -572,7 +572,7 @@ class Engine:
             await stages.wait_copied(site, pairs, unit.tag, self.poll)
         async with self._copy_limiter:
             if spec.kind == "restore":
-                return self._verdict(await stages.verify(site, spec, pairs, image_of_source=True))
+                return self._verdict(await stages.verify(site, pairs, image_of_source=True))
             if spec.copy_action == "export":
                 if spec.copy_host:  # the backup host mounts the targets first: it must see them whole
                     mounted = await site.mount_check(spec.copy_host, [p.target for p in pairs])
@@ -585,7 +585,7 @@ class Engine:
                 return {**self._verdict(report), "exports": exported}
             if spec.copy_action == "mount_check" and spec.mount_vm:
                 return self._verdict(await site.mount_check(spec.mount_vm, [p.target for p in pairs]))
-            return self._verdict(await stages.verify(site, spec, pairs))
+            return self._verdict(await stages.verify(site, pairs))
 
     @staticmethod
     def _verdict(report: api.CheckReport) -> dict[str, Any]:

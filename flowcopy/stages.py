@@ -388,7 +388,7 @@ async def wait_copied(site: Site, pairs: Sequence[Pair], tag: str, poll: float =
         await trio.sleep(poll)
 
 
-async def verify(site: Site, unit: UnitSpec, pairs: Sequence[Pair], image_of_source: bool = False) -> CheckReport:
+async def verify(site: Site, pairs: Sequence[Pair], image_of_source: bool = False) -> CheckReport:
     serials = [p.source if image_of_source else p.target for p in pairs]
     return await site.check(serials)
 
