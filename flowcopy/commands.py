@@ -138,7 +138,7 @@ async def _live_progress(console: Console, state: dict[str, Any], title: str) ->
                 total = sum(counts.values())
                 label = f"{title} — run {run_id}" if run_id else f"{title} — resuming"
                 if total:
-                    live.update(views.progress_table(label, counts, total))
+                    live.update(views.progress_table(label, counts, total, engine.copy_progress(run_id)))
             await trio.sleep(0.125)
 
 
@@ -154,6 +154,9 @@ async def _line_progress(state: dict[str, Any], title: str) -> None:
             counts = engine.progress(run_id)
             if counts and counts != last:
                 parts = ", ".join(f"{counts[s]} {s}" for s in machine.STATES if counts.get(s))
+                copied, to_copy = engine.copy_progress(run_id)
+                if to_copy:
+                    parts += f" (background copy {100 * copied / to_copy:.0f}%)"
                 print(f"{title}: {parts}", file=sys.stderr, flush=True)
                 last = counts
         await trio.sleep(0.25)

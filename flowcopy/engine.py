@@ -82,6 +82,7 @@ class Unit:
     spec: UnitSpec
     data: dict[str, Any]
     holding: tuple[str, ...] = ()  # LSSs this unit counts as a CG holder of (not durable)
+    copy_left: tuple[int, int] | None = None  # (tracks out of sync, total) while copying
 
     @property
     def state(self) -> str:
@@ -569,7 +570,11 @@ class Engine:
         """Wait (cheap, unlimited), then the image work under the copy limiter."""
         spec, pairs, site = unit.spec, unit.pairs, self.site
         if spec.kind == "restore" or (spec.copy_action == "wait" and spec.mode != "nocopy"):
-            await stages.wait_copied(site, pairs, unit.tag, self.poll)
+
+            def progress(left: int, total: int) -> None:
+                unit.copy_left = (left, total)
+
+            await stages.wait_copied(site, pairs, unit.tag, self.poll, on_progress=progress)
         async with self._copy_limiter:
             if spec.kind == "restore":
                 return self._verdict(await stages.verify(site, pairs, image_of_source=True))
@@ -717,6 +722,15 @@ class Engine:
     }
 
     # ------------------------------------------------------------------ status
+
+    def copy_progress(self, run_id: str | None = None) -> tuple[int, int]:
+        """(tracks copied, tracks to copy) over the units of `run_id` now in their copy wait."""
+        done = total = 0
+        for unit in self.units.values():
+            if unit.copy_left is not None and unit.state == "copying" and (run_id is None or unit.run_id == run_id):
+                left, size = unit.copy_left
+                done, total = done + size - left, total + size
+        return done, total
 
     def progress(self, run_id: str | None = None) -> dict[str, int]:
         counts: Counter[str] = Counter()

@@ -379,10 +379,22 @@ async def restore_reverse(site: Site, pairs: Sequence[Pair], tag: str) -> float:
 # --------------------------------------------------------------------------- copy
 
 
-async def wait_copied(site: Site, pairs: Sequence[Pair], tag: str, poll: float = 1.0) -> None:
-    """Wait until no relationship of ours still has out-of-sync tracks (dissolved counts)."""
+async def wait_copied(
+    site: Site,
+    pairs: Sequence[Pair],
+    tag: str,
+    poll: float = 1.0,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Wait until no relationship of ours still has out-of-sync tracks (dissolved counts).
+
+    `on_progress(out_of_sync, total)` hears the tracks still to copy after every poll.
+    """
     while True:
         pending = [r for r in await site.query(tag=tag) if r.out_of_sync_tracks > 0 and r.mode is CopyMode.COPY]
+        if on_progress is not None:
+            total = sum(p.capacity for p in pairs) // api.TRACK_SIZE
+            on_progress(sum(r.out_of_sync_tracks for r in pending), total)
         if not pending:
             return
         await trio.sleep(poll)

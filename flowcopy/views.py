@@ -19,7 +19,7 @@ from flowcopy.engine import RunSummary
 from flowcopy.journal import RunRow, UnitRow
 
 
-def progress_table(title: str, counts: Mapping[str, int], total: int) -> Group:
+def progress_table(title: str, counts: Mapping[str, int], total: int, copy: tuple[int, int] = (0, 0)) -> Group:
     """Units per state in table order, with a bar of how far along the forward path they are."""
     done = sum(counts.get(s, 0) for s in machine.TERMINAL)
     weighted = sum(machine.STAGES[s].progress * n for s, n in counts.items() if s in machine.STAGES)
@@ -33,7 +33,14 @@ def progress_table(title: str, counts: Mapping[str, int], total: int) -> Group:
             style = "green" if state == "succeeded" else "red" if state in ("failed", "compensating") else None
             table.add_row(Text(state, style=style or ""), str(n), machine.STAGES[state].description)
     bar = ProgressBar(total=max(total, 1), completed=min(weighted, total), width=50)
-    return Group(table, Text(f"{done}/{total} units finished"), bar)
+    parts: list[Any] = [table, Text(f"{done}/{total} units finished"), bar]
+    copied, to_copy = copy
+    if to_copy:
+        parts += [
+            Text(f"background copy: {copied:,} of {to_copy:,} tracks ({100 * copied / to_copy:.0f}%)"),
+            ProgressBar(total=to_copy, completed=copied, width=50),
+        ]
+    return Group(*parts)
 
 
 def summary_table(summary: RunSummary) -> Table:

@@ -251,6 +251,12 @@ async def test_cancel_mid_copy_withdraws(tmp_path: Path, autojump_clock: Any) ->
                     await trio.sleep(0.01)
                 rels = await site.query(volume="30016698")
                 assert len(rels) == 1 and rels[0].out_of_sync_tracks > 0
+                await trio.sleep(1.5)
+                first = engine.copy_progress(run_id)
+                await trio.sleep(1.0)
+                second = engine.copy_progress(run_id)
+                assert first[1] == second[1] == 4096  # a 256 MiB LUN is 4,096 tracks
+                assert 0 < first[0] < second[0] < 4096  # the progress view's figures move
                 await engine.cancel(run_id)
     summary = result["summary"]
     assert summary.state == "cancelled" and summary.units == {"cancelled": 1}
