@@ -211,6 +211,15 @@ def status(store: Path, *, as_json: bool) -> int:
         print(json.dumps(views.status_json(runs, units)))
     else:
         Console().print(views.runs_table(runs, units))
+        from flowcopy.scheduler import PauseStateError, read_paused
+
+        try:
+            paused = read_paused(store)
+        except PauseStateError as exc:
+            print(f"pause state unreadable: {exc}")
+        else:
+            if paused:
+                print(f"paused workflows (flowcopy unpause NAME): {', '.join(sorted(paused))}")
     return 0
 
 

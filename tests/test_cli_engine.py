@@ -77,6 +77,11 @@ def test_cancel_unknown_run_and_history_unknown_run(tmp_path: Path) -> None:
     (run,) = json.loads(flowcopy("status", "--json", "--store", str(store)).stdout)
     result = flowcopy("cancel", run["run_id"], "--store", str(store))
     assert result.returncode == 2 and "already ended: succeeded" in result.stderr
+    # pause / unpause show in status
+    assert flowcopy("pause", "w2k-e-drive", "--store", str(store)).returncode == 0
+    assert "paused workflows (flowcopy unpause NAME): w2k-e-drive" in flowcopy("status", "--store", str(store)).stdout
+    assert flowcopy("unpause", "w2k-e-drive", "--store", str(store)).returncode == 0
+    assert "paused workflows" not in flowcopy("status", "--store", str(store)).stdout
 
 
 def test_demo_shows_the_point_in_time_copy_and_verified_backups(tmp_path: Path) -> None:
