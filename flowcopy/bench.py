@@ -18,7 +18,10 @@ from flowcopy.machine import FORWARD_PATH, TRANSITIONS
 
 # --------------------------------------------------------------------------- journal
 
-_FORWARD_TRIGGERS = {t.source[0]: t.trigger for t in TRANSITIONS if len(t.source) == 1}
+_FORWARD_TRIGGERS = {
+    src: next(t.trigger for t in TRANSITIONS if src in t.source and t.dest == dst)
+    for src, dst in zip(FORWARD_PATH, FORWARD_PATH[1:])
+}
 
 
 def _walk(moves: int) -> list[tuple[str, str, str]]:
@@ -57,6 +60,12 @@ async def _record_concurrently(
     return units * len(walk), time.perf_counter() - start, journal.transactions - tx0
 
 
+async def _keep_lease(journal: Journal) -> None:
+    while True:
+        await trio.sleep(journal.lease_period / 3)
+        await journal.renew()
+
+
 def _fsync_rate(directory: Path, count: int = 200) -> float:
     """Raw write+fsync of one small record per call in `directory`: the ceiling of any
     one-commit-per-transition design on this disk."""
@@ -84,7 +93,9 @@ def journal_rate(
     fsync-bound, so it runs `single_moves` moves (default: a tenth of the group-commit
     moves, at least 200) to keep the benchmark short; rates are per second either way.
     """
-    store = Path(store)
+    from flowcopy.journal import is_url
+
+    store = store if is_url(store) else Path(store)  # a folder or a postgresql:// URL
     moves_per_unit = min(moves_per_unit, len(FORWARD_PATH) - 1)
     total = units * moves_per_unit
     if single_moves is None:
@@ -96,6 +107,8 @@ def journal_rate(
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(journal.run_writer)
+                if journal.leased:  # a shared journal: keep the lease its writes are fenced by
+                    nursery.start_soon(_keep_lease, journal)
 
                 group_moves, group_s, group_tx = await _record_concurrently(
                     journal, units, moves_per_unit
@@ -108,7 +121,7 @@ def journal_rate(
                 nursery.cancel_scope.cancel()
         finally:
             journal.close()
-        fsync = await trio.to_thread.run_sync(_fsync_rate, store)
+        fsync = math.nan if is_url(store) else await trio.to_thread.run_sync(_fsync_rate, store)
         group_rate = group_moves / group_s
         single_rate = single / single_s
         return {
@@ -156,6 +169,18 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def _peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _window(run: dict[str, Any]) -> dict[str, Any]:
+    """The freeze-window figures of an engine run, as their own group."""
+    return {k: run[k] for k in ("vms", "freeze_window_p50_ms", "freeze_window_p99_ms", "seconds", "vms_per_s")}
+
+
 def _bench_site(vms: int, capacity: int = 4 << 20) -> Any:
     """Small LUNs keep the background copy (site time) short; establish is O(1) anyway."""
     from flowcopy.site.inventory import generate_lab
@@ -183,14 +208,18 @@ async def _engine_run(store: Path, vms: int, *, trace_memory: bool = False) -> d
                 specs = await planning.plan_units(wf, site)
                 run_id = await engine.begin_run(wf.name, planning.definition_data(wf), specs)
                 tracemalloc.start() if trace_memory else None
-                start = time.perf_counter()
+                start, cpu0 = time.perf_counter(), time.process_time()
                 summary = await engine.drive_run(run_id)
-                elapsed = time.perf_counter() - start
+                elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
                 _, peak = tracemalloc.get_traced_memory() if trace_memory else (0, 0)
                 tracemalloc.stop() if trace_memory else None
                 out.update(
                     seconds=round(elapsed, 3),
                     vms_per_s=round(vms / elapsed, 1),
+                    # CPU seconds of the whole process (writer thread included): on a shared
+                    # machine this compares two builds better than the wall clock does
+                    cpu_s=round(cpu, 3),
+                    peak_rss_mib=_peak_rss_mib(),
                     succeeded=summary.units.get("succeeded", 0),
                     verified=summary.verified,
                     freeze_window_p50_ms=round(_percentile(list(engine.freeze_windows), 0.5) * 1000, 2),
@@ -205,19 +234,39 @@ async def _engine_run(store: Path, vms: int, *, trace_memory: bool = False) -> d
     return out
 
 
-async def _recovery(store: Path, vms: int) -> dict[str, Any]:
-    """Crash the engine once every unit is in flight, then time a new engine's reconciliation.
+class _Reconciled:
+    """Engine observer: the wall time each resumed unit's intent was settled."""
 
-    The crash comes when half the units have started their copy stage, so units stand
-    in every state of the table. `reconciled_s` is the time until every unit in flight
-    at the crash has journaled its first move after the restart (for a unit caught in
-    its background copy: the copy's end, at most 0.7 s of site time later).
+    def __init__(self) -> None:
+        self.at: dict[str, float] = {}
+
+    def on_reconciled(self, unit_id: str) -> None:
+        self.at.setdefault(unit_id, time.time())
+
+
+async def _recovery(store: Path, vms: int, *, all_in_flight: bool = False) -> dict[str, Any]:
+    """Crash the engine while units are in flight, then time a new engine's reconciliation.
+
+    By default the crash comes when half the units have started their copy stage, so
+    units stand in every state of the table; `reconciled_s` is the time until every
+    unfinished unit has journaled its first move after the restart (for a unit caught in
+    its background copy: the copy's end, at most 0.7 s of site time later; for a unit
+    that had not begun its freeze: its turn at the freeze-window limiter, so that figure
+    is bound by throughput). `acting_reconciled_s` counts only the units with a side
+    effect in flight: until each settled its intent against the site (its first move; for
+    a copying unit, its relationships seen in a query made after the restart).
+
+    `all_in_flight`: the crash comes when the last unit starts its copy (16 GiB LUNs), so
+    no unit is queued and every unfinished one has a side effect in flight (a unit whose
+    LUNs hold no data finishes its copy at once, so some have succeeded by then); the
+    resume is timed until each one has reconciled, then stopped.
     """
     from flowcopy import definitions, planning
     from flowcopy.engine import Engine, Limits
 
-    site = _bench_site(vms, capacity=64 << 20)
+    site = _bench_site(vms, capacity=(16 << 30) if all_in_flight else (64 << 20))
     wf = definitions.load_text(BENCH_WORKFLOW, "bench.yaml")
+    crash_at = vms if all_in_flight else max(1, vms // 2)
     async with site.running():
         journal = Journal.open(store)
         copying = 0
@@ -226,8 +275,8 @@ async def _recovery(store: Path, vms: int) -> dict[str, Any]:
             nonlocal copying
             if move.event == "copy":
                 copying += 1
-                if copying >= max(1, vms // 2):
-                    raise SimulatedCrash("benchmark: half the units are copying")
+                if copying >= crash_at:
+                    raise SimulatedCrash(f"benchmark: {copying} units are copying")
 
         try:
             async with trio.open_nursery() as nursery:
@@ -242,7 +291,11 @@ async def _recovery(store: Path, vms: int) -> dict[str, Any]:
                 raise
         finally:
             journal.close()
-        in_flight = len(Journal.open(store, lock=False).unfinished_units())
+        at_crash = {row.unit_id: row.state for row in Journal.open(store, lock=False).unfinished_units()}
+        in_flight = len(at_crash)
+        acting_ids = {u for u, state in at_crash.items() if state not in ("pending", "prepared")}
+        reconciled = _Reconciled()
+        total: float | None = None
         start = time.perf_counter()
         wall0 = time.time()
         journal = Journal.open(store)
@@ -250,20 +303,44 @@ async def _recovery(store: Path, vms: int) -> dict[str, Any]:
             async with trio.open_nursery() as nursery:
                 await nursery.start(journal.run_writer)
                 engine = Engine(journal, site, store=store, limits=Limits(units=vms), poll=0.05)
-                summaries = await engine.resume()
-                total = time.perf_counter() - start
+                engine.observers.append(reconciled)
+                if all_in_flight:
+                    nursery.start_soon(engine.resume)
+                    while not acting_ids <= reconciled.at.keys():
+                        await trio.sleep(0.01)
+                    succeeded = 0
+                else:
+                    summaries = await engine.resume()
+                    total = time.perf_counter() - start
+                    succeeded = summaries[0].units.get("succeeded", 0)
                 firsts: dict[str, float] = {}
-                for event in journal.events(run_id=summaries[0].run_id):
+                for event in journal.events(run_id=run_id):
                     if event.time >= wall0 and event.unit_id not in firsts:
                         firsts[event.unit_id] = event.time
                 nursery.cancel_scope.cancel()
         finally:
             journal.close()
+    by_state: dict[str, list[float]] = {}
+    for unit_id, state in at_crash.items():
+        if unit_id in firsts:
+            by_state.setdefault(state, []).append(firsts[unit_id] - wall0)
+    # pending/prepared units had nothing at the site: their first move waits for its turn
+    # at the freeze-window limiter (throughput). Every other state had a side effect in
+    # flight that the restart had to settle against the site: that is reconciliation.
+    acting = [reconciled.at[u] - wall0 for u in acting_ids if u in reconciled.at]
     return {
         "in_flight_units": in_flight,
-        "reconciled_s": round(max(firsts.values()) - wall0, 3) if firsts else None,
-        "resume_to_done_s": round(total, 3),
-        "succeeded": summaries[0].units.get("succeeded", 0),
+        "reconciled_s": round(max(firsts.values()) - wall0, 3) if firsts and not all_in_flight else None,
+        "acting_units": len(acting_ids),
+        "acting_reconciled_s": round(max(acting), 3) if acting else None,
+        "acting_reconciled_p50_s": round(_percentile(acting, 0.5), 3) if acting else None,
+        # the same units' first journaled move (for a copying unit: its copy's end)
+        "acting_first_move_s": round(max(firsts[u] for u in acting_ids if u in firsts) - wall0, 3)
+        if any(u in firsts for u in acting_ids) else None,
+        # per state at the crash: units, and when the last of them made its first move
+        "by_state": {s: {"units": len(t), "first_move_max_s": round(max(t), 3)} for s, t in sorted(by_state.items())},
+        "resume_to_done_s": round(total, 3) if total is not None else None,
+        "succeeded": succeeded,
     }
 
 
@@ -319,6 +396,12 @@ def run_all(store: Path, *, vms: int = 1000, quick: bool = False) -> dict[str, A
     results["memory"] = trio.run(functools.partial(_engine_run, store / "memory", min(vms, 300), trace_memory=True))
     results["freeze_window_1vm"] = trio.run(_engine_run, store / "engine1", 1)
     results["recovery"] = trio.run(_recovery, store / "recovery", vms)
+    if vms >= 10_000:
+        # the goals' three sizes in one command: 1, 1,000 and 10,000 concurrent VMs
+        results["freeze_window_1000"] = _window(trio.run(_engine_run, store / "engine1000", 1000))
+        results["freeze_window_10000"] = _window(results["engine"])
+        # the crash when the last of the 10,000 units starts its copy: nothing queued
+        results["recovery_10000"] = trio.run(functools.partial(_recovery, store / "recovery10000", vms, all_in_flight=True))
     results["site"] = site_figures()
     return results
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import difflib
 import io
 import re
+import warnings
 import zoneinfo
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -51,7 +52,13 @@ from croniter import croniter
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
-from ruamel.yaml.events import MappingEndEvent, MappingStartEvent, SequenceEndEvent, SequenceStartEvent
+from ruamel.yaml.events import (
+    MappingEndEvent,
+    MappingStartEvent,
+    ScalarEvent,
+    SequenceEndEvent,
+    SequenceStartEvent,
+)
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from ruamel.yaml.scalarbool import ScalarBoolean
 
@@ -341,12 +348,18 @@ class CopyAction:
 
 @attrs.frozen(kw_only=True)
 class RetryPolicy:
-    """How a failed step is retried; only transient site errors are retried."""
+    """How a failed step is retried; only transient site errors are retried.
 
-    max_attempts: Count = _field(3, "attempts in all, including the first")
+    The defaults wait 1, 2, 4, 8, 15, 15 and 15 s (the engine shortens each wait by up
+    to a quarter at random, so units that failed together do not return together):
+    45..60 s in all, longer than a served site takes to restart (1-7 s measured) and
+    than 30 s of site unavailability, yet bounded.
+    """
+
+    max_attempts: Count = _field(8, "attempts in all, including the first")
     initial_interval: Duration = _field(1.0, "wait before the first retry")
     backoff: Factor = _field(2.0, "each further wait is this many times longer (>= 1)")
-    max_interval: Duration = _field(60.0, "the wait never grows beyond this")
+    max_interval: Duration = _field(15.0, "the wait never grows beyond this")
     non_retryable: tuple[ErrorKind, ...] = _field((), "error kinds never retried even if transient")
 
     def delay(self, attempt: int) -> float:
@@ -358,6 +371,12 @@ class RetryPolicy:
         except OverflowError:
             return float(self.max_interval)
         return float(min(self.max_interval, grown))
+
+    def total_wait(self) -> float:
+        """Seconds of waiting between all the attempts (before jitter): what a stage's
+        timeout must leave room for, or the stage times out before its retries end."""
+        waits = min(int(self.max_attempts), 10_000) - 1
+        return float(sum(self.delay(a) for a in range(1, waits + 1)))
 
     def should_retry(self, attempt: int, kind: str, transient: bool) -> bool:
         """Whether to try again after attempt `attempt` failed with an error of `kind`."""
@@ -371,7 +390,7 @@ class StageTimeouts:
     prepare: Duration = _field(300.0, "inventory look-ups and checks")
     freeze: Duration = _field(120.0, "quiescing the guests")
     establish: Duration = _field(120.0, "establishing the FlashCopy pairs")
-    release: Duration = _field(60.0, "unfreezing the array and thawing the guests")
+    release: Duration = _field(120.0, "unfreezing the array and thawing the guests")
     copy: Duration = _field(86400.0, "the copy action (background copy, export, mount check)")
     withdraw: Duration = _field(600.0, "withdrawing the relationships")
 
@@ -387,9 +406,13 @@ class Concurrency:
 
 @attrs.frozen(kw_only=True)
 class Retention:
-    """How many exported images of this workflow to keep (oldest removed first)."""
+    """Which backups `flowcopy forget` keeps (restic's meanings), counted per VM and disk
+    set; only verified backups count, and a VM's newest verified backup is always kept."""
 
-    keep: Count = _field(7, "exported images kept per unit")
+    keep: Count | None = _field(None, "the same as keep_last")
+    keep_last: Count | None = _field(None, "keep the N newest backups")
+    keep_daily: Count | None = _field(None, "keep the newest backup of each of the last N days that have one")
+    keep_weekly: Count | None = _field(None, "keep the newest backup of each of the last N weeks that have one")
 
 
 _DEFAULTABLE = (
@@ -445,7 +468,8 @@ class WorkflowSpec:
     retry: RetryPolicy | None = _field(None, "default retry policy")
     timeouts: StageTimeouts | None = _field(None, "default stage timeouts")
     concurrency: Concurrency = _field(Concurrency(), "limits on simultaneous work")
-    retention: Retention | None = _field(None, "how many exported images to keep")
+    retention: Retention | None = _field(None, "which backups to keep (keep_last, keep_daily, keep_weekly)")
+    rpo: Duration | None = _field(None, "recovery point objective, e.g. 26h: VMs whose newest verified backup is older are flagged")
     units: tuple[UnitSpec, ...] = _field(doc="what to protect: VMs (or selectors) and their disks")
 
 
@@ -504,6 +528,7 @@ class Workflow:
     before: Before | None = None  # restores only (always set for them)
     concurrency: Concurrency = Concurrency()
     retention: Retention | None = None
+    rpo: Duration | None = None
     units: tuple[UnitDef, ...]
 
     @property
@@ -654,8 +679,63 @@ def _cron(value: object, _: object = None) -> str:
     except Exception:  # croniter's validation raises assorted types on odd input
         valid = False
     if not valid:
-        raise _Invalid(f"not a valid cron expression: {text!r}")
+        raise _Invalid(f"not a valid cron expression: {text!r}{_bad_cron_fields(fields)}")
+    never = _never_fires(text)
+    if never is not None:
+        raise _Invalid(f"cron {text!r} can never fire: {never}")
     return text
+
+
+_CRON_FIELDS = (("minute", "0-59"), ("hour", "0-23"), ("day-of-month", "1-31"), ("month", "1-12 or jan-dec"),
+                ("day-of-week", "0-7 or sun-sat"))
+
+
+def _bad_cron_fields(fields: list[str]) -> str:
+    """'; field 2 (hour) '25' is not valid (0-23)': each field judged alone, the others '*'."""
+    bad = []
+    for i, (name, allowed) in enumerate(_CRON_FIELDS):
+        probe = " ".join(f if j == i else "*" for j, f in enumerate(fields))
+        try:
+            ok = croniter.is_valid(probe)
+        except Exception:  # croniter's validation raises assorted types on odd input
+            ok = False
+        if not ok:
+            bad.append(f"field {i + 1} ({name}) {fields[i]!r} is not valid ({allowed})")
+    return ("; " + "; ".join(bad)) if bad else ""
+
+
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
+           "October", "November", "December")
+_MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
+def _never_fires(text: str) -> str | None:
+    """Why a (syntactically valid) cron expression has no fire time at all, else None.
+
+    The service asks croniter for the next and the previous fire; croniter gives up on
+    a date that does not exist (Feb 30) with an error, so the same question is asked
+    here, once, and the answer names the fields that cannot meet.
+    """
+    base = datetime(2001, 1, 1)
+    try:
+        croniter(text, base).get_next(datetime)
+        croniter(text, base).get_prev(datetime)
+        return None
+    except Exception:  # CroniterBadDateError and friends: no such date in its search
+        pass
+    minute, hour, dom, month, dow = text.split()
+    try:
+        expanded = croniter(text, base).expanded
+        days = [d for d in expanded[2] if isinstance(d, int)]
+        months = [m for m in expanded[3] if isinstance(m, int)]
+    except Exception:
+        days, months = [], []
+    if days and months and dow == "*" and min(days) > max(_MONTH_DAYS[m - 1] for m in months):
+        names = ", ".join(_MONTHS[m - 1] for m in months)
+        return (f"day-of-month field {dom!r} names no day that month field {month!r} ({names}) has; "
+                "fix the day-of-month or the month field")
+    return (f"day-of-month field {dom!r}, month field {month!r} and day-of-week field {dow!r} never "
+            "meet on a real date; fix one of them")
 
 
 def _timezone(value: object, _: object = None) -> str:
@@ -1091,9 +1171,12 @@ def load_text(text: str | bytes, filename: str = "<string>") -> Workflow:
 
     yaml = _yaml()
     try:
-        _check_depth(yaml, text)
-        node = yaml.compose(text)
-        tree = yaml.load(text) if node is not None else None
+        tags = _check_events(text)
+        with warnings.catch_warnings():  # a re-defined anchor is valid YAML; the newest wins
+            warnings.simplefilter("ignore")
+            node = yaml.compose(text)
+            untagged = _untag(node, tags) if node is not None else []
+            tree = yaml.constructor.construct_document(node) if node is not None else None  # parsed once
     except YAMLError as exc:
         raise _yaml_refusal(exc, filename) from None
     except (RecursionError, _TooDeep):
@@ -1122,6 +1205,7 @@ def load_text(text: str | bytes, filename: str = "<string>") -> Workflow:
     except RecursionError:
         raise refuse("the document is nested too deeply") from None
 
+    placed[:0] = untagged
     workflow: Workflow | None = None
     for path, message, place in placed:
         line, col = (place[0] + 1, place[1] + 1) if place is not None else located.position(path)
@@ -1148,17 +1232,106 @@ class _TooDeep(Exception):
     pass
 
 
-def _check_depth(yaml: YAML, text: str) -> None:
-    """Refuse deep nesting from the parser's events, before the recursive composer
-    spends seconds climbing into a RecursionError."""
+_CORE = "tag:yaml.org,2002:"
+_SCALAR_TAGS = frozenset(_CORE + t for t in ("str", "int", "float", "bool", "null"))
+
+
+_Kind = type[Node]
+_TagProblems = dict[tuple[int, int, _Kind], "str | None"]
+"""(0-based line, col, node class) of an explicitly tagged node -> why its tag is refused."""
+
+
+def _check_events(text: str) -> _TagProblems:
+    """From the parser's events, before anything is composed: refuse deep nesting
+    (the recursive composer would spend seconds climbing into a RecursionError) and
+    find every explicit YAML tag flowcopy does not support.
+
+    A definition is plain YAML: a tag is accepted only where it changes nothing a
+    reader could misread (`!!str` on a scalar, `!!map` on a mapping, `!!seq` on a
+    list, `!!int 3`). Any other (`!!omap`, `!!set`, `!!binary`, `!custom`, `!!bool x`)
+    would reach ruamel's constructors, which build types cattrs cannot read, or crash.
+    """
     depth = 0
-    for event in yaml.parse(text):
+    found: _TagProblems = {}
+    events = YAML(typ="safe", pure=True)  # no comment gathering: a third of the round-trip parser's time
+    resolver = events.resolver
+    for event in events.parse(text):
         if isinstance(event, (MappingStartEvent, SequenceStartEvent)):
             depth += 1
             if depth > MAX_DEPTH:
                 raise _TooDeep
         elif isinstance(event, (MappingEndEvent, SequenceEndEvent)):
             depth -= 1
+        tag = getattr(event, "tag", None)
+        if tag is None:
+            continue
+        tag = str(getattr(tag, "value", tag))
+        mark = event.start_mark
+        kind: _Kind
+        if isinstance(event, ScalarEvent):
+            kind = ScalarNode
+            if tag == _CORE + "str":
+                found[mark.line, mark.column, kind] = None
+                continue
+            if tag in _SCALAR_TAGS:
+                implicit = resolver.resolve(ScalarNode, event.value, (True, False))
+                found[mark.line, mark.column, kind] = (
+                    None if str(getattr(implicit, "value", implicit)) == tag
+                    else f"YAML tag {_short_tag(tag)} does not fit the value {event.value!r}: drop the tag")
+                continue
+        elif isinstance(event, MappingStartEvent):
+            kind = MappingNode
+            if tag == _CORE + "map":
+                found[mark.line, mark.column, kind] = None
+                continue
+        elif isinstance(event, SequenceStartEvent):
+            kind = SequenceNode
+            if tag == _CORE + "seq":
+                found[mark.line, mark.column, kind] = None
+                continue
+        else:  # pragma: no cover - only nodes carry tags
+            continue
+        found[mark.line, mark.column, kind] = (
+            f"YAML tag {_short_tag(tag)} is not supported (a definition is plain mappings, lists and "
+            "scalars): drop the tag, quote a string")
+    return found
+
+
+_PLAIN_TAGS: dict[_Kind, str] = {ScalarNode: _CORE + "str", MappingNode: _CORE + "map", SequenceNode: _CORE + "seq"}
+
+
+def _untag(root: Node, refused: _TagProblems) -> list[_PlacedProblem]:
+    """Make every explicit tag implicit, giving each refused node its plain tag, so ruamel's constructors (which crash or
+    build odd types on `!!omap x`, `!!bool x`) see only plain YAML, and the load goes on
+    to report the file's other problems too; one problem per refused tag, with its path."""
+    if not refused:
+        return []
+    found: list[_PlacedProblem] = []
+    seen: set[int] = set()
+    stack: list[tuple[Node, tuple[str | int, ...]]] = [(root, ())]
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        mark = node.start_mark
+        place = (mark.line, mark.column, type(node))
+        if place in refused:
+            node.tag = _PLAIN_TAGS[type(node)] if refused[place] is not None else node.tag  # plain, not "explicit"
+            if refused[place] is not None:
+                found.append((path, str(refused[place]), (mark.line, mark.column)))
+        if isinstance(node, MappingNode):
+            for key, value in node.value:
+                step = key.value if isinstance(key, ScalarNode) else "?"
+                stack.append((key, path))
+                stack.append((value, path if step == "<<" else (*path, step)))
+        elif isinstance(node, SequenceNode):
+            stack.extend((item, (*path, index)) for index, item in enumerate(node.value))
+    return found
+
+
+def _short_tag(tag: str) -> str:
+    return "!!" + tag[len(_CORE):] if tag.startswith(_CORE) else tag
 
 
 def _yaml_refusal(exc: YAMLError, filename: str) -> DefinitionError:
@@ -1307,8 +1480,18 @@ def resolve(spec: WorkflowSpec) -> tuple[Workflow, list[_RawProblem]]:
     _check_vms(units, add)
     _check_disks(units, add)
     _check_groups(units, origins, add)
-    if spec.retention is not None and not any(u.copy.action is Action.EXPORT for u in units):
-        add(("retention",), "retention counts exported images, but no unit exports (copy: {action: export})", True)
+    if spec.retention is not None and not any(
+        (spec.retention.keep, spec.retention.keep_last, spec.retention.keep_daily, spec.retention.keep_weekly)
+    ):
+        add(("retention",), "retention needs keep_last, keep_daily or keep_weekly (a number of backups to keep)", True)
+    if spec.retention is not None and spec.retention.keep and spec.retention.keep_last:
+        add(("retention", "keep"), "keep is the older name of keep_last: give one of them", True)
+    if restore and spec.retention is not None:
+        add(("retention",), "a restore makes no backups to keep; retention belongs to backup workflows", True)
+    if restore and spec.rpo is not None:
+        add(("rpo",), "an RPO belongs to backup workflows, not to a restore", True)
+    if spec.rpo is not None and spec.rpo <= 0:
+        add(("rpo",), "rpo must be a positive duration, e.g. 26h")
 
     workflow = Workflow(
         name=spec.name,
@@ -1319,6 +1502,7 @@ def resolve(spec: WorkflowSpec) -> tuple[Workflow, list[_RawProblem]]:
         before=before,
         concurrency=spec.concurrency,
         retention=spec.retention,
+        rpo=spec.rpo,
         units=tuple(units),
     )
     return workflow, problems
@@ -1369,6 +1553,10 @@ def _check_unit(unit: UnitDef, index: int, origin: Mapping[str, tuple[str | int,
                 )
 
     copy, copy_at = unit.copy, origin["copy"]
+    if copy.to is not None:
+        problem = export_path_problem(copy.to)
+        if problem:
+            add((*copy_at, "to"), problem)
     if copy.action is Action.EXPORT and (copy.to is None or copy.host is None):
         missing = " and ".join(k for k in ("to", "host") if getattr(copy, k) is None)
         add(copy_at, f"export needs {missing} (to: the folder for images, host: the backup host)")
@@ -1391,6 +1579,49 @@ def _check_unit(unit: UnitDef, index: int, origin: Mapping[str, tuple[str | int,
             f"mode incremental keeps its relationship between runs (the next run resyncs it); "
             f"withdraw must be keep, got {unit.withdraw.value}",
         )
+
+
+EXPORT_ROOTS_ENV = "FLOWCOPY_EXPORT_ROOTS"
+"""Absolute folders (os.pathsep-separated) where exports may live outside the store."""
+
+STORE_STATE = ("site", "journal.sqlite", "journal.lock", "scheduler.json")
+"""The store's own state: no export folder may be one of them."""
+
+
+def configured_export_roots() -> list[Path]:
+    import os
+
+    roots = []
+    for entry in os.environ.get(EXPORT_ROOTS_ENV, "").split(os.pathsep):
+        if entry and Path(entry).is_absolute():
+            roots.append(Path(entry).resolve())
+    return roots
+
+
+def export_path_problem(to: str) -> str | None:
+    """Why `copy.to` may not be used (None: it may). Exports live inside the store, or
+    inside a root the admin configured; retention deletes there and nowhere else."""
+    from pathlib import PurePath
+
+    if not to.strip():
+        return "copy.to is empty: name a folder inside the store, e.g. exports/nightly"
+    path = PurePath(to)
+    if ".." in path.parts:
+        return f"copy.to {to!r} contains '..' and so leaves the store: name a folder inside it"
+    if path.is_absolute():
+        resolved = Path(to).resolve()
+        roots = configured_export_roots()
+        if not any(resolved == r or r in resolved.parents for r in roots):
+            where = ", ".join(str(r) for r in roots) or "none configured"
+            return (
+                f"copy.to {to!r} is outside the store: use a folder inside the store, or list a "
+                f"parent folder in ${EXPORT_ROOTS_ENV} (export roots: {where})"
+            )
+        return None
+    parts = [p for p in path.parts if p != "."]
+    if parts and parts[0] in STORE_STATE:
+        return f"copy.to {to!r} is inside the store's own state ({parts[0]}): choose another folder, e.g. exports/"
+    return None
 
 
 def _check_vms(units: Sequence[UnitDef], add: Any) -> None:

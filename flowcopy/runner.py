@@ -24,7 +24,35 @@ DEFAULT_STORE = Path("store")
 
 
 def default_store() -> Path:
-    return Path(os.environ.get("FLOWCOPY_STORE", DEFAULT_STORE))
+    return as_store(os.environ.get("FLOWCOPY_STORE", str(DEFAULT_STORE)))  # type: ignore[return-value]
+
+
+def as_store(value: str | Path) -> Path | str:
+    """A `--store` value: a folder (SQLite journal) or a `postgresql://` URL, kept whole."""
+    from flowcopy.journal import is_url
+
+    return value if is_url(value) else Path(value)
+
+
+def local_dir(store: Path | str) -> Path:
+    from flowcopy.journal import local_dir as journal_local_dir
+
+    return journal_local_dir(store)
+
+
+def resolve_site_url(url: str | None) -> str | None:
+    """The served site a run acts on, or None for the embedded model in the store."""
+    url = url or os.environ.get("FLOWCOPY_SITE") or None
+    return None if url == "embedded" else url
+
+
+def site_label(store: Path, url: str | None) -> str:
+    """Which site a run acts on, in words every summary and status line carries: a run
+    against the embedded model is a simulation and must never look like a real backup."""
+    url = resolve_site_url(url)
+    if url:
+        return f"served site {url}"
+    return f"embedded site model in {local_dir(store) / 'site'} (simulation: no --site or $FLOWCOPY_SITE)"
 
 
 @asynccontextmanager
@@ -37,8 +65,8 @@ async def open_site(
     speed: float = 1.0,
 ) -> AsyncIterator[Site]:
     """The site a run acts on: served (URL) or embedded and durable in `store/site`."""
-    url = url or os.environ.get("FLOWCOPY_SITE") or None
-    if url and url != "embedded":
+    url = resolve_site_url(url)
+    if url:
         from flowcopy.site.client import connect_site
 
         async with connect_site(url, token_file or os.environ.get("FLOWCOPY_SITE_TOKEN_FILE")) as site:
@@ -46,18 +74,22 @@ async def open_site(
         return
     from flowcopy.site.persist import open_site as open_durable
 
-    async with open_durable(store / "site", lab=lab, speed=speed) as site:
+    async with open_durable(local_dir(store) / "site", lab=lab, speed=speed) as site:
         yield site
 
 
 @asynccontextmanager
-async def open_engine(store: Path, site: Site, *, limits: Limits | None = None) -> AsyncIterator[Engine]:
+async def open_engine(store: Path, site: Site, *, limits: Limits | None = None,
+                      site_label: str | None = None) -> AsyncIterator[Engine]:
     """A journal on `store` with its group-commit writer running, and an engine over it."""
     journal = Journal.open(store)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(journal.run_writer)
-            yield Engine(journal, site, store=store, limits=limits)
+            engine = Engine(journal, site, store=local_dir(store), limits=limits, site_label=site_label)
+            if journal.leased:  # several engines on one journal: keep this one's lease
+                await nursery.start(engine.keep_leases)
+            yield engine
             nursery.cancel_scope.cancel()
     finally:
         journal.close()
@@ -73,17 +105,22 @@ async def run_file(
     speed: float = 1.0,
     limits: Limits | None = None,
     on_engine: Callable[[Engine, str | None], Any] | None = None,
+    on_site: Callable[[str], Any] | None = None,
 ) -> tuple[list[RunSummary], RunSummary]:
     """Load, validate, resume what was unfinished, then run `path` once; returns summaries."""
     workflow = definitions.load_definition(path)
     lab = lab or workflow.site.lab
-    async with open_site(store, site_url or planning.site_url(workflow), token_file, lab=lab, speed=speed) as site:
-        async with open_engine(store, site, limits=limits or planning.limits(workflow)) as engine:
+    url = site_url or planning.site_url(workflow)
+    label = site_label(store, url)
+    if on_site:
+        on_site(label)
+    async with open_site(store, url, token_file, lab=lab, speed=speed) as site:
+        async with open_engine(store, site, limits=limits or planning.limits(workflow), site_label=label) as engine:
             if on_engine:
                 on_engine(engine, None)
             await site.now()  # an unreachable site fails here, before any run is touched
             resumed = await engine.resume()
-            specs = await planning.plan_units(workflow, site)
+            specs = await planning.plan_or_journal(workflow, site, engine)
             run_id = await engine.begin_run(workflow.name, planning.definition_data(workflow), specs)
             if on_engine:
                 on_engine(engine, run_id)
@@ -99,9 +136,13 @@ async def resume_store(
     lab: str | None = None,
     speed: float = 1.0,
     on_engine: Callable[[Engine, str | None], Any] | None = None,
+    on_site: Callable[[str], Any] | None = None,
 ) -> list[RunSummary]:
+    label = site_label(store, site_url)
+    if on_site:
+        on_site(label)
     async with open_site(store, site_url, token_file, lab=lab, speed=speed) as site:
-        async with open_engine(store, site) as engine:
+        async with open_engine(store, site, site_label=label) as engine:
             if on_engine:
                 on_engine(engine, None)
             await site.now()

@@ -21,11 +21,7 @@ the catch-up window, the older ones are skipped and logged, however many there w
 
 from __future__ import annotations
 
-import fcntl
-import json
-import os
 import signal
-import tempfile
 import zoneinfo
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -53,7 +49,7 @@ MAX_COUNTED = 1000
 """Missed fire times are counted up to this many (an every-minute cron down for a month
 is 43,200 of them; the log says "1000+" rather than walking them all)."""
 
-STATE_FILE = "scheduler.json"
+from flowcopy.pausing import STATE_FILE  # noqa: E402  (the pause state file)
 
 
 # --------------------------------------------------------------------------- pure core
@@ -63,16 +59,33 @@ def _zone(schedule: Schedule) -> zoneinfo.ZoneInfo:
     return zoneinfo.ZoneInfo(schedule.timezone or "UTC")
 
 
+def _repeated_wall_time(schedule: Schedule, fire: datetime) -> bool:
+    """True for the second pass of a wall time the clocks go back over (autumn DST) when
+    the cron names fixed hours: "30 2 * * *" means once at 02:30, as cron runs it, not
+    twice; a cron over every hour ("0 * * * *") keeps firing every real hour."""
+    hours = schedule.cron.split()[1] if len(schedule.cron.split()) >= 5 else "*"
+    if "*" in hours:
+        return False
+    local = fire.astimezone(_zone(schedule))
+    return local.fold == 1 and local.replace(fold=0).utcoffset() != local.utcoffset()
+
+
 def next_fire(schedule: Schedule, after: datetime) -> datetime:
     """The first fire time strictly after `after` (aware), in UTC."""
-    return schedule.next_after(after).astimezone(UTC)
+    fire = schedule.next_after(after).astimezone(UTC)
+    while _repeated_wall_time(schedule, fire):
+        fire = schedule.next_after(fire).astimezone(UTC)
+    return fire
 
 
 def latest_fire(schedule: Schedule, now: datetime) -> datetime:
     """The last fire time at or before `now` (aware), in UTC."""
     local = now.astimezone(_zone(schedule)) + timedelta(microseconds=1)
-    result: datetime = croniter(schedule.cron, local).get_prev(datetime)
-    return result.astimezone(UTC)
+    it = croniter(schedule.cron, local)
+    result: datetime = it.get_prev(datetime).astimezone(UTC)
+    while _repeated_wall_time(schedule, result):
+        result = it.get_prev(datetime).astimezone(UTC)
+    return result
 
 
 @attrs.frozen
@@ -156,6 +169,11 @@ def decide(s: Situation) -> Decision:
     return Decision("fire", due, reason, missed=older, catch_up=catch_up)
 
 
+def slot_id(at: datetime) -> str:
+    """A fire's identity in the journal: its scheduled time in cron-clock terms, UTC."""
+    return at.astimezone(UTC).isoformat(timespec="seconds")
+
+
 def last_fire_from_runs(created: Iterable[float]) -> datetime | None:
     """The wall time of a workflow's latest run (RunRow.created), or None if it never ran."""
     latest = max(created, default=None)
@@ -210,58 +228,9 @@ class TrioClock:
 # --------------------------------------------------------------------------- pause state
 
 
-class PauseStateError(Exception):
-    """The scheduler's state file cannot be read or written."""
-
-
-def _state_path(store: Path) -> Path:
-    return Path(store) / STATE_FILE
-
-
-def read_paused(store: Path) -> frozenset[str]:
-    """Names of paused workflows (none if the file does not exist)."""
-    path = _state_path(store)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return frozenset()
-    except (OSError, ValueError) as exc:
-        raise PauseStateError(f"{path}: unreadable scheduler state: {exc}") from None
-    paused = data.get("paused", []) if isinstance(data, dict) else None
-    if not isinstance(paused, list) or not all(isinstance(n, str) for n in paused):
-        raise PauseStateError(f"{path}: 'paused' must be a list of workflow names")
-    return frozenset(paused)
-
-
-def set_paused(store: Path, name: str, paused: bool) -> bool:
-    """Pause or unpause `name`; True if that changed anything. Written atomically (temp +
-    rename) under a lock, so a running service never reads half a file and two admins
-    pausing at once do not lose each other's change."""
-    store = Path(store)
-    store.mkdir(parents=True, exist_ok=True)
-    path = _state_path(store)
-    with open(store / (STATE_FILE + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        current = set(read_paused(store))
-        changed = (name in current) != paused
-        if not changed:
-            return False
-        if paused:
-            current.add(name)
-        else:
-            current.discard(name)
-        fd, tmp = tempfile.mkstemp(prefix=".scheduler-", suffix=".json", dir=store)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"paused": sorted(current)}, f, indent=2)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    return True
+# kept in a small module of their own so `flowcopy status` reads them without importing
+# the scheduler (croniter, the engine, trio)
+from flowcopy.pausing import PauseStateError, _state_path, read_paused, set_paused  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------- the shell
@@ -330,11 +299,61 @@ class Scheduler:
         self._loops: trio.Nursery | None = None
         self._runs: trio.Nursery | None = None
         self._paused: frozenset[str] = frozenset()
+        self.observers: list[Any] = []
+        """Watchers of the service (its metrics and status page): objects with any of
+        on_decision(name, decision), on_run_started(name, run_id), on_start_error(name,
+        error), on_stop(). Called inline; must not block."""
+        self.resumed = trio.Event()
+        """Set once the runs the store left unfinished have been resumed to their end."""
+
+    def _observe(self, event: str, *args: Any) -> None:
+        for observer in self.observers:
+            hook = getattr(observer, event, None)
+            if hook is not None:
+                hook(*args)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def trigger(self, name: str) -> Decision:
+        """Fire `name` now, outside its schedule (`flowcopy trigger`): its cron goes on as
+        before; a paused workflow fires too (pause stops the schedule, not a person). The
+        overlap policy holds: skip refuses while a run is going, buffer_one queues one."""
+        entry = self.entries.get(name)
+        now = self.clock.now()
+        if entry is None:
+            known = ", ".join(sorted(self.entries)) or "none"
+            return Decision("skip", now, f"no workflow {name!r} in {self.folder} (known: {known})")
+        if self._stopping or self._runs is None:
+            return Decision("skip", now, "the service is stopping" if self._stopping else "the service is starting")
+        overlap = entry.workflow.schedule.overlap if entry.workflow.schedule is not None else Overlap.SKIP
+        decision = Decision("fire", now, "triggered by hand")
+        if entry.running:
+            if overlap is Overlap.SKIP:
+                decision = Decision("skip", now, "the previous run is still running (overlap: skip)")
+            elif overlap is Overlap.BUFFER_ONE:
+                if entry.queued is not None:
+                    decision = Decision("skip", now, "the previous run is still running and one run is already queued (overlap: buffer_one)")
+                else:
+                    decision = Decision("queue", now, "triggered by hand; queued behind the running run (overlap: buffer_one)")
+        with structlog.contextvars.bound_contextvars(workflow=name):
+            log.info({"fire": "trigger", "queue": "queued", "skip": "trigger refused"}[decision.action],
+                     at=now.isoformat(), reason=decision.reason)
+        self._observe("on_decision", name, decision)
+        if decision.action == "queue":
+            entry.queued = now
+        elif decision.action == "fire":
+            self._start(entry, now)
+        return decision
 
     # ---- definitions
 
     def _last_for(self, name: str) -> datetime:
-        last = last_fire_from_runs(r.created for r in self.engine.journal.runs(name))
+        slot = self.engine.journal.last_slot(name)
+        if slot is not None:  # the latest slot dealt with, in cron-clock terms, at any --speed
+            return datetime.fromisoformat(slot)
+        last = last_fire_from_runs(r.created for r in self.engine.journal.runs(name))  # journals from before slots
         return last if last is not None else self.clock.now()
 
     def reload(self) -> dict[str, list[str]]:
@@ -419,10 +438,19 @@ class Scheduler:
             return
         self._stopping = True
         log.warning("stopping: no new runs; freeze windows finish their release")
+        self._observe("on_stop")
         self.engine.stop()
         self._stop_event.set()
 
     async def _resume(self) -> None:
+        if self.engine.journal.leased:  # a shared journal: take part in every run, begun here or not
+            def ended(summary: RunSummary) -> None:
+                self.finished.append(summary)
+                log.info("run ended", run=summary.run_id, workflow=summary.workflow, state=summary.state,
+                         verified=summary.verified)
+
+            await self.engine.follow_runs(ended)
+            return
         try:
             for summary in await self.engine.resume():
                 self.finished.append(summary)
@@ -430,6 +458,8 @@ class Scheduler:
                          verified=summary.verified)
         except* EngineStopped:
             pass  # the stop report lists what is still running
+        finally:
+            self.resumed.set()
 
     def _read_paused(self) -> frozenset[str]:
         try:
@@ -449,14 +479,31 @@ class Scheduler:
     async def _decide_loop(self, entry: _Entry) -> None:
         while entry.workflow.schedule is not None and not self._stopping:
             now = self.clock.now()
-            decision = decide(Situation(
-                schedule=entry.workflow.schedule, last=entry.last, now=now, running=entry.running > 0,
-                queued=entry.queued is not None, paused=entry.name in self._read_paused(),
-            ))
+            running = entry.running > 0
+            if not running and self.engine.journal.leased:  # a run of it by another service counts
+                running = any(r.workflow == entry.name for r in self.engine.journal.unfinished_runs())
+            try:
+                decision = decide(Situation(
+                    schedule=entry.workflow.schedule, last=entry.last, now=now, running=running,
+                    queued=entry.queued is not None, paused=entry.name in self._read_paused(),
+                    grace=GRACE * float(getattr(self.clock, "speed", 1.0)),  # cron-clock seconds
+                ))
+            except Exception as exc:  # croniter on a schedule validate let through: never stop the service
+                log.error("schedule cannot fire; waiting for a reload (SIGHUP) with a fixed definition",
+                          file=str(entry.path), cron=entry.workflow.schedule.cron, error=f"{type(exc).__name__}: {exc}")
+                await entry.wake.wait()
+                entry.wake = trio.Event()
+                continue
             if decision.action == "sleep":
                 await self._sleep_until(entry, decision.at)
                 continue
             entry.last = decision.at
+            # the slot's identity (workflow + cron-clock time) is unique in the journal: of
+            # several services on one journal, or one restarted, only one deals with it
+            if not await self.engine.journal.claim_slot(entry.name, slot_id(decision.at), decision.action, decision.reason):
+                log.info("skip", at=decision.at.isoformat(), reason="slot already dealt with (another service, or before a restart)")
+                continue
+            self._observe("on_decision", entry.name, decision)
             fields: dict[str, Any] = {"at": decision.at.isoformat(), "reason": decision.reason}
             if decision.missed:
                 fields["missed"] = decision.missed
@@ -508,14 +555,16 @@ class Scheduler:
 
     async def _plan_and_drive(self, workflow: Workflow, due: datetime) -> None:
         try:
-            specs = await planning.plan_units(workflow, self.site)
+            specs = await planning.plan_or_journal(workflow, self.site, self.engine)
             if self._stopping:
                 log.info("run not started: the service is stopping", at=due.isoformat())
                 return
             run_id = await self.engine.begin_run(workflow.name, planning.definition_data(workflow), specs)
         except RUN_ERRORS as exc:
             log.error("run could not start", at=due.isoformat(), error=_describe(exc))
+            self._observe("on_start_error", workflow.name, _describe(exc))
             return
+        self._observe("on_run_started", workflow.name, run_id)
         with structlog.contextvars.bound_contextvars(run=run_id):
             log.info("run started", at=due.isoformat(), units=len(specs))
             try:
@@ -560,7 +609,7 @@ def _one_site(workflows: Iterable[Workflow]) -> tuple[str | None, str | None]:
 
 
 class ServeError(Exception):
-    """The service cannot start (no folder, no definitions)."""
+    """The service cannot start (no folder of definitions)."""
 
 
 async def serve(
@@ -573,6 +622,7 @@ async def serve(
     clock: WallClock | None = None,
     signals: bool = True,
     on_scheduler: Any = None,
+    face: Any = None,
 ) -> StopReport:
     """`flowcopy serve`: one site, one engine, the scheduler, signals; returns after a stop."""
     from flowcopy import runner
@@ -580,34 +630,52 @@ async def serve(
     folder = Path(folder)
     if not folder.is_dir():
         raise ServeError(f"{folder}: no such folder of workflow definitions")
-    good, broken = load_folder(folder)
-    if not good:
-        problems = "; ".join(str(p) for exc in broken.values() for p in exc.problems)
-        raise ServeError(f"{folder}: no valid workflow definition" + (f" ({problems})" if problems else ""))
+    good, _ = load_folder(folder)
+    if not good:  # a definition problem never stops the service: it is logged, a reload may fix it
+        log.error("no valid workflow definition yet; serving, waiting for a reload (SIGHUP)", folder=str(folder))
     url, lab = _one_site(good.values())
-    store.mkdir(parents=True, exist_ok=True)
+    local = runner.local_dir(store)
+    local.mkdir(parents=True, exist_ok=True)
     async with runner.open_site(store, site_url or url, token_file, lab=lab, speed=speed) as site:
-        async with runner.open_engine(store, site) as engine:
+        async with runner.open_engine(store, site, site_label=runner.site_label(store, site_url or url)) as engine:
             await site.now()  # an unreachable site fails here, before anything starts
             if clock is None:
-                clock = SystemClock() if speed == 1.0 else TrioClock.starting_at(datetime.now(UTC), speed)
-            scheduler = Scheduler(folder, engine, clock=clock, store=store)
+                # an accelerated cron clock goes on from the latest slot the journal holds,
+                # so a restart neither fires a slot again nor jumps back in cron time
+                start = max([datetime.now(UTC), *(datetime.fromisoformat(s["slot"]) for s in engine.journal.slots())])
+                clock = SystemClock() if speed == 1.0 else TrioClock.starting_at(start, speed)
+            scheduler = Scheduler(folder, engine, clock=clock, store=local)
             if on_scheduler is not None:
                 on_scheduler(scheduler)
             async with trio.open_nursery() as nursery:
                 if signals:
                     await nursery.start(scheduler.watch_signals)
+                if face is not None:  # the service's HTTP face and systemd notifications, listening first
+                    await nursery.start(face, scheduler)
                 report = await scheduler.run()
                 nursery.cancel_scope.cancel()
             return report
 
 
-def pause(store: Path, name: str, paused: bool) -> bool:
-    """`flowcopy pause|unpause NAME`: validated name, atomic write; True if it changed."""
+def pause(store: Path, name: str, paused: bool, known: Iterable[str] | None = None) -> bool:
+    """`flowcopy pause|unpause NAME`: validated name, atomic write; True if it changed.
+
+    With `known` (the workflows of the service's folder and of the journal), a name that
+    is none of them is refused with a did-you-mean: a typo must not report "paused"
+    while the real workflow goes on firing. Unpausing a name that is paused is allowed.
+    """
     import re
+
+    from flowcopy.catalog import did_you_mean
 
     if not re.match(definitions.WORKFLOW_NAME_PATTERN, name):
         raise PauseStateError(f"{name!r} is not a workflow name (lower-case letters, digits, - _ .)")
+    if known is not None:
+        names = set(known)
+        if name not in names and (paused or name not in read_paused(store)):
+            raise PauseStateError(
+                f"no workflow named {name!r}{did_you_mean(name, names)}; known: {', '.join(sorted(names)) or 'none'}"
+            )
     return set_paused(store, name, paused)
 
 

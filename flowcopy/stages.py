@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -48,9 +49,20 @@ class FreezeLost(StageError):
         super().__init__(message, retryable=True, kind="freeze_lost")
 
 
+class WindowOverrun(StageError):
+    """The consistency group's establishes ran past the engine's freeze-window bound; the
+    engine unfreezes and redoes the freeze rather than keep the sources held (`holds`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False, kind="freeze_window_overrun")
+
+
 async def concurrently(*thunks: Callable[[], Awaitable[object]]) -> None:
     """Run thunks at once; the first failure comes out as itself, not in an exception group,
     so the engine's retry and compensation see a SiteError as a SiteError."""
+    if len(thunks) == 1:  # one VM (the common unit): no nursery and no task to spawn
+        await thunks[0]()
+        return
     try:
         async with trio.open_nursery() as nursery:
             for thunk in thunks:
@@ -121,6 +133,9 @@ class UnitSpec:
     non_retryable: tuple[str, ...] = ()
     timeouts: Mapping[str, float] = attrs.field(factory=dict)
     group: str | None = None
+    restore: Mapping[str, Any] | None = None
+    """A restore run's plan (`flowcopy.backups.restore.Plan` as data): the unit walks the
+    state table's restore path instead of the backup path."""
 
 
 @attrs.frozen
@@ -168,7 +183,13 @@ async def prepare(site: Site, unit: UnitSpec, run_number: int, tag: str) -> list
                 return pairs
         raise StageError(f"saved task {unit.task!r} is not defined on the array", kind="unknown_task")
     for vm in unit.vms:
-        await site.get_vm(vm)  # UnknownVM with the site's message
+        try:
+            await site.get_vm(vm)
+        except api.UnknownVM as exc:  # the site's message, and the name that was probably meant
+            from flowcopy.catalog import did_you_mean
+
+            hint = did_you_mean(vm, [v.name for v in await site.list_vms(None)])
+            raise api.UnknownVM(exc.message + hint + " (`flowcopy site lsvm` lists the VMs)", **exc.details) from None
     for disk in unit.disks:
         info = await site.lun_of(disk.vm, disk.disk)  # UnknownDisk / NotRawMapped
         target = await resolve_target(site, disk, run_number)
@@ -328,38 +349,81 @@ async def ours(site: Site, tag: str) -> dict[tuple[str, str], RelationshipInfo]:
     return {(r.source, r.target): r for r in await site.query(tag=tag)}
 
 
-async def establish(site: Site, unit: UnitSpec, pairs: Sequence[Pair], tag: str) -> float:
+def redo_withdraws(unit: UnitSpec) -> bool:
+    """Whether undoing a freeze attempt withdraws what it established. Not for an
+    incremental unit (its relationship is the next resync's basis: the redo resyncs it
+    again, see `establish`), nor for a reverse restore (the reverse is the restore; the
+    target's image it copies back is fixed, so a redo keeps it and reverses the rest)."""
+    return unit.mode != "incremental" and unit.kind != "restore"
+
+
+async def establish(
+    site: Site, unit: UnitSpec, pairs: Sequence[Pair], tag: str, *, deadline: float = math.inf,
+    fresh: set[tuple[str, str]] | None = None,
+) -> float:
     """Establish every pair (skipping those already ours); returns the site time of the last.
 
     Incremental pairs with a recording relationship from an earlier run are resynced
-    (only changed tracks move) instead of established anew.
+    (only changed tracks move) instead of established anew, with the options they need
+    given again (resyncflash replaces the old ones: -record -persist, -freeze, -seqnum).
+    Past `deadline` (engine clock) no further pair is frozen: WindowOverrun.
+
+    `fresh`: the pairs this freeze attempt made so far (kept by the caller across the
+    retries of one attempt; this adds to it). An incremental relationship of ours outside
+    it was resynced under an earlier freeze — an attempt redone, or an engine that died in
+    its window — and is resynced again, or the image would join two points in time; so an
+    incremental pair counts once its resync answered (one whose answer was lost is
+    resynced again, which is harmless). A redo withdraws the other modes' relationships,
+    so any of theirs is this attempt's: a pair counts from its call on, since a call that
+    acted but lost its answer must be found, not made twice. While `fresh` is empty
+    nothing of ours may be skipped, so the array is not asked: inside a freeze window
+    each call is a trip through the scheduler behind every other runnable task.
     """
     options = flash_options(unit, pairs, tag)
-    present = await ours(site, tag)
-    last = await site.now()
-    for pair in pairs:
-        if (pair.source, pair.target) in present:
-            last = max(last, present[(pair.source, pair.target)].synced)
+    present = await ours(site, tag) if fresh is None or fresh else {}
+    last = -math.inf  # the site time of the last pair made; `now` only if none was
+    for i, pair in enumerate(pairs):
+        if i and options.freeze and trio.current_time() > deadline:
+            raise WindowOverrun(
+                f"{pair.vm} {pair.disk}: consistency group over its freeze-window bound after {i} of "
+                f"{len(pairs)} establishes; unfreezing its LSSs and redoing the freeze"
+            )
+        key = (pair.source, pair.target)
+        stale = unit.mode == "incremental" and fresh is not None and key not in fresh
+        if key in present and not stale:
+            last = max(last, present[key].synced)
             continue
+        if fresh is not None and unit.mode != "incremental":
+            fresh.add(key)
         if unit.mode == "incremental":
             existing = [r for r in await site.query(volume=pair.source) if {r.source, r.target} == {pair.source, pair.target}]
             if existing and existing[0].recording:
                 rel = existing[0]
                 if (rel.source, rel.target) == (pair.source, pair.target):
-                    info = await site.resync(pair.source, pair.target, freeze=options.freeze, tag=tag)
+                    info = await site.resync(pair.source, pair.target, options=options)
                 else:
                     # a reverse restore turned the pair round: reverse it back, which copies
                     # only the tracks changed since and makes the target the image of now
                     info = await site.reverse(rel.source, rel.target, tag=tag)
                 last = max(last, info.synced)
+                if fresh is not None:
+                    fresh.add(key)
                 continue
         info = await site.establish(pair.source, pair.target, options)
         last = max(last, info.created)
+        if fresh is not None:
+            fresh.add(key)
+    if present.keys() >= {(p.source, p.target) for p in pairs}:  # all made before: as late as now
+        last = max(last, await site.now())
     return last
 
 
 async def restore_reverse(site: Site, pairs: Sequence[Pair], tag: str) -> float:
-    """Reverse restore: each (source, target) pair copies target -> source."""
+    """Reverse restore: each (source, target) pair copies target -> source.
+
+    A forward copy not yet finished (nocopy incremental) is reversed fast (fast reverse
+    restore): the source gets its image at once; the backup target is then no usable
+    image until the next backup establishes it again (the array says so)."""
     last = await site.now()
     present = await ours(site, tag)
     for pair in pairs:
@@ -371,7 +435,9 @@ async def restore_reverse(site: Site, pairs: Sequence[Pair], tag: str) -> float:
                 f"{pair.vm} {pair.disk}: no incremental relationship {pair.source} -> {pair.target} to restore from",
                 kind="not_incremental",
             )
-        info = await site.reverse(rels[0].source, rels[0].target, tag=tag)
+        rel = rels[0]
+        fast = rel.out_of_sync_tracks > 0 and (rel.source, rel.target) == (pair.source, pair.target)
+        info = await site.reverse(rel.source, rel.target, tag=tag, fast=fast)
         last = max(last, info.synced)
     return last
 
@@ -391,7 +457,9 @@ async def wait_copied(
     `on_progress(out_of_sync, total)` hears the tracks still to copy after every poll.
     """
     while True:
-        pending = [r for r in await site.query(tag=tag) if r.out_of_sync_tracks > 0 and r.mode is CopyMode.COPY]
+        rels = await site.query(tag=tag)
+        _raise_failed(pairs, rels)
+        pending = [r for r in rels if r.out_of_sync_tracks > 0 and r.mode is CopyMode.COPY]
         if on_progress is not None:
             total = sum(p.capacity for p in pairs) // api.TRACK_SIZE
             on_progress(sum(r.out_of_sync_tracks for r in pending), total)
@@ -400,8 +468,21 @@ async def wait_copied(
         await trio.sleep(poll)
 
 
+def _raise_failed(pairs: Sequence[Pair], rels: Sequence[api.RelationshipInfo]) -> None:
+    """A failed relationship (its space-efficient pool ran out) leaves no usable image:
+    the unit fails with the array's reason, and compensation withdraws it."""
+    for rel in rels:
+        if rel.state is api.CopyState.FAILED:
+            pair = next((p for p in pairs if {p.source, p.target} == {rel.source, rel.target}), None)
+            where = f"{pair.vm} {pair.disk}: " if pair is not None else ""
+            raise StageError(f"{where}{rel.failed or f'relationship {rel.source} -> {rel.target} failed'}",
+                             kind="relationship_failed")
+
+
 async def verify(site: Site, pairs: Sequence[Pair], image_of_source: bool = False) -> CheckReport:
     serials = [p.source if image_of_source else p.target for p in pairs]
+    for serial in serials:
+        _raise_failed(pairs, await site.query(volume=serial))
     return await site.check(serials)
 
 
@@ -409,8 +490,16 @@ async def export(site: Site, pairs: Sequence[Pair], folder: Path, chunk: int = 4
     """Copy each target image through the backup host into `folder` as a sparse file + sha256.
 
     Written to a temporary name and renamed, so an export is either whole or absent.
+    Each entry records what retention needs to remove exactly this file and nothing
+    else: its name, whole-file sha256, content digest, mtime and whether this export
+    created the run folder.
     """
-    folder.mkdir(parents=True, exist_ok=True)
+    from flowcopy.backups import images
+
+    for pair in pairs:  # a failed relationship's target is no image to export
+        _raise_failed(pairs, await site.query(volume=pair.target))
+    created = not folder.exists()
+    _private_folder(folder)
     out: list[dict[str, Any]] = []
     for pair in pairs:
         path = folder / f"{pair.source}-{pair.target}.img"
@@ -418,7 +507,9 @@ async def export(site: Site, pairs: Sequence[Pair], folder: Path, chunk: int = 4
         digest = hashlib.sha256()
         extents = await site.extents(pair.target)
         position = 0
-        with open(tmp, "wb") as f:
+        # images hold guest data: owner only (0600), whatever the umask
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            os.fchmod(f.fileno(), 0o600)  # a .part left by a killed export keeps its old mode otherwise
             f.truncate(pair.capacity)
             for extent in extents:
                 end = extent.offset + extent.length
@@ -438,9 +529,21 @@ async def export(site: Site, pairs: Sequence[Pair], folder: Path, chunk: int = 4
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        path.with_suffix(".img.sha256").write_text(f"{digest.hexdigest()}  {path.name}\n")
-        out.append({"path": str(path), "sha256": digest.hexdigest(), "bytes": pair.capacity})
+        checksum = path.with_suffix(".img.sha256")
+        with os.fdopen(os.open(checksum, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as c:
+            c.write(f"{digest.hexdigest()}  {path.name}\n")
+        content = await trio.to_thread.run_sync(images.file_digest, path, pair.capacity)
+        out.append({"path": str(path), "sha256": digest.hexdigest(), "bytes": pair.capacity,
+                    "content": content, "mtime_ns": path.stat().st_mtime_ns, "created_folder": created})
     return out
+
+
+def _private_folder(folder: Path) -> None:
+    """Create `folder` and any missing parent 0700 (owner only); folders that exist keep their mode."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    for p in reversed(missing):
+        p.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(p, 0o700)  # mkdir's mode is masked by the umask
 
 
 _ZEROS = bytes(1 << 20)
@@ -473,19 +576,6 @@ def check_exported(paths: Sequence[str]) -> CheckReport:
             f.close()
 
 
-def apply_retention(folder: Path, keep: int | None) -> list[Path]:
-    """Delete the oldest run folders beyond `keep`; returns what was deleted."""
-    if not keep or not folder.parent.exists():
-        return []
-    runs = sorted((p for p in folder.parent.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
-    doomed = runs[: max(0, len(runs) - keep)]
-    for run in doomed:
-        for f in run.iterdir():
-            f.unlink()
-        run.rmdir()
-    return doomed
-
-
 # --------------------------------------------------------------------------- withdraw / compensate
 
 
@@ -493,9 +583,19 @@ async def withdraw_tagged(site: Site, tag: str, *, after_copy: bool = False) -> 
     """Withdraw every relationship carrying this unit's tag — the journal knows the tag, so
     even a relationship whose establish outcome was never journaled is found again, and a
     retry after a partial withdraw only touches what is left. Returns how many it ended."""
+    return await withdraw_relationships(site, await site.query(tag=tag), after_copy=after_copy)
+
+
+async def withdraw_relationships(site: Site, rels: Sequence[RelationshipInfo], *, after_copy: bool = False) -> int:
+    """Withdraw these relationships (one already gone counts as withdrawn, not as ended);
+    returns how many it ended."""
     n = 0
-    for rel in await site.query(tag=tag):
+    for rel in rels:
         try:
+            if rel.space_efficient:  # rmflash -tgtreleasespace: the pool gets the target's tracks back
+                await site.withdraw(rel.source, rel.target, after_copy=after_copy, release_space=True)
+                n += 1
+                continue
             await site.withdraw(rel.source, rel.target, after_copy=after_copy)
             n += 1
         except api.RelationshipNotFound:

@@ -75,6 +75,21 @@ def idle_relationship_bytes(count: int = 2000) -> float:
     return used / count
 
 
+def query_time(count: int) -> float:
+    """CPU seconds of one query of `count` running copies, each established at its own
+    moment (every establish changes the running set: what made an exact copy clock slow)."""
+    array = Array(bandwidth=50 * (1 << 20))
+    pairs = [(f"{n % 1000:03d}{10 + n // 1000:02d}698", f"{n % 1000:03d}{50 + n // 1000:02d}698") for n in range(count)]
+    for source, target in pairs:
+        array.add_volume(source, lss=source[3:5], capacity=16 << 30)
+        array.add_volume(target, lss=target[3:5], capacity=16 << 30)
+    for n, (source, target) in enumerate(pairs):
+        array.establish(source, target, FlashOptions(persistent=True), now=n * 0.0007)
+    start = time.process_time()
+    assert len(array.query(now=count * 0.0007 + 0.1)) == count
+    return time.process_time() - start
+
+
 def best(measure, *args, runs: int = 3) -> float:  # noqa: ANN001 - a measuring function
     """Best of a few runs: other processes on the machine only ever add time."""
     return min(measure(*args) for _ in range(runs))
@@ -92,6 +107,8 @@ def main() -> None:
             f"4 KiB write, {targets:2d} {mode.value:6s} target(s), first touch: {t * 1e6:8.1f} us"
             f"   (copy-on-write overhead {(t - plain) * 1e6:6.1f} us)"
         )
+    for count in (4000, 10000):
+        print(f"query of {count:5d} running copies:        {best(query_time, count):8.3f} s CPU")
     print(f"memory per idle 1 TiB volume:            {idle_volume_bytes():8.0f} bytes")
     print(f"memory per idle 1 TiB nocopy relationship: {idle_relationship_bytes():6.0f} bytes")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,16 @@ def test_demo_shows_the_point_in_time_copy_and_verified_backups(tmp_path: Path) 
     assert "Target 20413698 still holds the point-in-time image of 20313698" in " ".join(result.stdout.split())
     assert result.stdout.count("yes: every target image checked consistent") == 3
     assert "every backup succeeded and every target image verified" in result.stdout
+    # the last hint is a command that works from here, even with flowcopy not on PATH
+    import re
+    import shlex
+
+    hint = re.search(r"try `([^`]+)`", " ".join(result.stdout.split()))
+    assert hint, result.stdout[-500:]
+    env = {k: v for k, v in os.environ.items() if k != "PATH"} | {"PATH": "/usr/bin:/bin"}
+    again = subprocess.run(shlex.split(hint.group(1)), capture_output=True, text=True, timeout=120, env=env)
+    assert again.returncode == 0, (hint.group(1), again.stderr)
+    assert "w2k-e-drive-0001" in again.stdout
 
 
 def test_bench_smoke_prints_every_figure(tmp_path: Path) -> None:

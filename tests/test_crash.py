@@ -43,7 +43,9 @@ SCENARIOS: dict[str, tuple[str, str]] = {
 
 
 def test_every_kind_of_journal_write_is_crash_tested() -> None:
-    assert set(SCENARIOS) == {t.trigger for t in machine.TRANSITIONS} | {"begin_run", "finish_run"}
+    from .test_restore_crash import RESTORE_TRIGGERS  # a restore's own writes: tested there
+
+    assert set(SCENARIOS) | set(RESTORE_TRIGGERS) == {t.trigger for t in machine.TRANSITIONS} | {"begin_run", "finish_run"}
 
 
 def misbehaving(inner: Any, how: str) -> Any:
@@ -158,9 +160,116 @@ async def test_crash_inside_a_side_effect_then_resume(tmp_path: Path, autojump_c
     inner = load_lab(None)
     async with inner.running():
         site = CrashingSite(inner, method, nth)
-        assert await first_run(tmp_path, site, SCENARIO_2, "normal", crash_at="never")
+        # a mount-checked copy is now waited for and dissolves by itself: a nocopy group is
+        # what still withdraws its relationships at the end
+        text = SCENARIO_2.replace("    consistency_group: w2k-sql", "    mode: nocopy\n    consistency_group: w2k-sql") if method == "withdraw" else SCENARIO_2
+        assert "mode: nocopy" in text or method != "withdraw"
+        assert await first_run(tmp_path, site, text, "normal", crash_at="never")
         assert site.calls >= nth
         async with engine_on(tmp_path, inner) as engine:
             (summary,) = await engine.resume()
         await assert_invariants(tmp_path, inner)
     assert summary.state == "succeeded" and summary.verified
+
+
+# --------------------------------------------------------------------------- inside the freeze window
+
+# The window journals nothing between its intent (`freezing`) and its outcome, so a crash
+# anywhere in it finds the unit in `freezing` with the site in any state the window passes
+# through: each call below is the last one the engine saw complete before it died.
+WINDOW_CRASHES = {
+    "after-freeze": ("quiesce", 1),  # guest frozen, nothing established
+    "mid-establish": ("establish", 1),  # one pair of the group made, its source frozen
+    "after-establish": ("establish", 4),  # every pair made, the group's sources frozen
+    "after-freeze-check": ("freeze_status", 1),  # the freeze shown to cover the establish
+    "mid-release": ("unfreeze", 1),  # sources released, guest still frozen
+    "after-release": ("thaw", 1),  # released, the window's outcome not yet journaled
+}
+
+
+def _group_text(mode: str) -> str:
+    if mode == "copy":
+        return SCENARIO_2
+    text = SCENARIO_2.replace("    consistency_group: w2k-sql", f"    mode: {mode}\n    consistency_group: w2k-sql")
+    assert text != SCENARIO_2
+    return text
+
+
+@pytest.mark.parametrize("pause", [0.0, 300.0], ids=["restart-at-once", "restart-after-300s"])
+@pytest.mark.parametrize("mode", ["copy", "nocopy", "incremental"])
+@pytest.mark.parametrize("where", sorted(WINDOW_CRASHES))
+async def test_crash_inside_the_freeze_window_then_resume(
+    tmp_path: Path, autojump_clock: Any, where: str, mode: str, pause: float
+) -> None:
+    """Scenario 2 (four LUNs, one consistency group, SQL and SQLite with dependent writes)
+    dies at each point of its freeze window. The journal says `freezing` whatever the
+    window had done; resume withdraws (incremental: keeps and resyncs again), unfreezes,
+    thaws and redoes, and the image the run keeps is of one instant — across four LUNs,
+    judged by the checker and by SQLite. After 300 s the guest has thawed itself and its
+    applications have written on: a pair left from the first attempt would be an older
+    point in time than the rest."""
+    method, nth = WINDOW_CRASHES[where]
+    inner = load_lab(None)
+    async with inner.running():
+        site = CrashingSite(inner, method, nth)
+        assert await first_run(tmp_path, site, _group_text(mode), "normal", crash_at="never")
+        journal = Journal.open(tmp_path, lock=False)
+        try:
+            (unit,) = [u for r in journal.runs() for u in journal.units(r.run_id)]
+        finally:
+            journal.close()
+        assert unit.state == "freezing"  # nothing of the window was journaled
+        crashed_at = await inner.now()
+        await trio.sleep(pause)
+        async with engine_on(tmp_path, inner) as engine:
+            (summary,) = await engine.resume()
+            events = engine.journal.events(unit_id=unit.unit_id)
+            final = engine.journal.units(summary.run_id)[0]
+        await assert_invariants(tmp_path, inner)
+        pairs = [(p["source"], p["target"]) for p in final.data["pairs"]]
+        kept = {(r.source, r.target): r for s, _ in pairs for r in await inner.query(volume=s)}
+    assert summary.state == "succeeded" and summary.verified, summary.failures
+    assert final.data["check"]["kind"] == "database+sqlite"
+    redo = [e for e in events if e.event == "redo"]
+    assert [(e.from_state, e.payload["problem"].split(":")[0]) for e in redo] == [
+        ("freezing", "engine restarted inside the freeze window")]
+    assert final.data["freeze_attempts"] == 2 and final.data.get("freezes_lost", 0) == 0
+    # the second attempt's window went freezing -> released in one transaction
+    tail = [e.event for e in events[events.index(redo[0]) + 1:]]
+    assert tail[:7] == ["freeze", *machine.WINDOW_OUTCOME, "copy"]
+    if mode == "incremental":  # kept, one per pair, every one resynced by the second attempt
+        assert sorted(kept) == sorted(pairs)
+        assert all(r.recording and r.tag == final.data["tag"] for r in kept.values())
+        assert min(r.synced for r in kept.values()) > crashed_at
+        assert max(r.synced for r in kept.values()) <= final.data["established_at"]
+    else:
+        assert kept == {}
+
+
+async def test_incremental_redo_resyncs_every_pair_again_across_a_retry(tmp_path: Path, autojump_clock: Any) -> None:
+    """An incremental group keeps its relationships through a redo (they are the resync
+    basis): the engine died with all four resynced under its freeze, the guest thawed
+    itself and wrote on. The redo resyncs the first pair, the array refuses the second
+    once (busy): the retry must resync the three left, not take them for this attempt's,
+    or the image would join two points in time."""
+    inner = load_lab(None)
+    async with inner.running():
+        assert await first_run(tmp_path, CrashingSite(inner, "establish", 4), _group_text("incremental"), "normal",
+                               crash_at="never")
+        crashed_at = await inner.now()
+        await trio.sleep(300.0)
+        calls = {"n": 0}
+
+        def busy_once(source: str, target: str, **_: Any) -> Exception | None:
+            calls["n"] += 1
+            return api.LssBusy("LSS busy: retry", lss="20", limit=1) if calls["n"] == 2 else None
+
+        site = FailingSite(inner, {"resync": busy_once})
+        async with engine_on(tmp_path, site) as engine:
+            (summary,) = await engine.resume()
+            final = engine.journal.units(summary.run_id)[0]
+        await assert_invariants(tmp_path, inner)
+        rels = [r for p in final.data["pairs"] for r in await inner.query(volume=p["source"])]
+    assert summary.state == "succeeded" and summary.verified, summary.failures
+    assert calls["n"] == 5  # four resyncs and the refused one
+    assert len(rels) == 4 and min(r.synced for r in rels) > crashed_at

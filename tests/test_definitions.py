@@ -35,6 +35,7 @@ from flowcopy.definitions import (
     Schedule,
     SerialTarget,
     SiteRef,
+    StageTimeouts,
     UnitDef,
     VmDiskTarget,
     Withdraw,
@@ -116,7 +117,7 @@ def test_seed_scenario_2_is_one_group_with_application_quiesce() -> None:
     (unit,) = wf.units
     assert unit.quiesce is QuiesceLevel.APPLICATION
     assert unit.freeze_timeout == 20.0
-    assert [d.disk for d in unit.disks] == ["Disk2", "Disk3"]
+    assert [d.disk for d in unit.disks] == ["Disk2", "Disk3", "Disk4", "Disk5"]
     assert {d.target.vm for d in unit.disks if isinstance(d.target, VmDiskTarget)} == {"RICH-W2K-OS-2"}
     assert wf.consistency_groups() == {"w2k-sql": (0,)}
     assert unit.retry.non_retryable == ("size_mismatch", "not_raw_mapped")
@@ -372,7 +373,7 @@ BROKEN: list[tuple[str, str, list[tuple[int, int, str, str]]]] = [
         units: [{vm: v, disks: [{disk: Disk1, target: 20413698}]}]
         """,
         [
-            (3, 9, "schedule.cron", "not a valid cron expression: '61 * * * *'"),
+            (3, 9, "schedule.cron", "not a valid cron expression: '61 * * * *'; field 1 (minute) '61' is not valid (0-59)"),
             (4, 13, "schedule.timezone", "unknown time zone 'Mars/Olympus' (use an IANA name like Europe/Berlin)"),
             (5, 13, "schedule.catch_up", "expected a duration like 30s, 5m or 2h, got '30' (a unit is needed: 30s, 5m, 2h, 1d, 500ms)"),
         ],
@@ -419,7 +420,7 @@ BROKEN: list[tuple[str, str, list[tuple[int, int, str, str]]]] = [
         units: []
         """,
         [
-            (1, 7, "name", "unsupported YAML value: a value tagged !custom (tags are not supported)"),
+            (1, 7, "name", "YAML tag !custom is not supported (a definition is plain mappings, lists and scalars): drop the tag, quote a string"),
             (2, 14, "description", "unsupported YAML value: a date (quote it to make it a string)"),
             (3, 1, "", "keys must be strings, got a number (1)"),
             # cross-field rules (an empty units list) wait until the shape is right
@@ -843,3 +844,85 @@ def test_schema_refuses_what_the_loader_refuses_structurally() -> None:
         {**base, "units": [{"vm": "v", "disks": [{"disk": "Disk1", "target": {"serial": "123"}}]}]},
     ):
         assert not validator.is_valid(bad), bad
+
+
+# --------------------------------------------------------------------------- never-firing cron, YAML tags
+
+UTC = timezone.utc
+UNIT_YAML = "units:\n  - vm: rich-w2k-os-1\n    disks:\n      - {disk: Disk1, target: 20413698}\n"
+
+
+@pytest.mark.parametrize(
+    ("cron", "fields"),
+    [
+        ("0 0 30 2 *", ("day-of-month field '30'", "month field '2' (February)")),
+        ("0 0 31 4,6,9,11 *", ("day-of-month field '31'", "April, June, September, November")),
+        ("15 3 30,31 2 *", ("day-of-month field '30,31'", "February")),
+        ("0 0 31 2 5#5", ("day-of-week field '5#5'",)),
+    ],
+)
+def test_a_schedule_that_can_never_fire_is_refused_naming_the_field(tmp_path: Path, cron: str, fields: tuple[str, ...]) -> None:
+    path = tmp_path / "w.yaml"
+    path.write_text(f'name: w\nschedule:\n  cron: "{cron}"\n' + UNIT_YAML)
+    with pytest.raises(DefinitionError) as caught:
+        load_definition(path)
+    (problem,) = caught.value.problems
+    assert (problem.file, problem.line, problem.col, problem.path) == (str(path), 3, 9, "schedule.cron")
+    assert "can never fire" in problem.message and all(f in problem.message for f in fields), problem.message
+
+
+@pytest.mark.parametrize("cron", ["0 0 29 2 *", "0 0 30 2 1", "0 0 L 2 *", "0 0 31 */2 *", "0 0 * * 5#5"])
+def test_rare_but_real_schedules_are_accepted(cron: str) -> None:
+    workflow = load_text(f'name: w\nschedule: {{cron: "{cron}"}}\n' + UNIT_YAML)
+    assert workflow.schedule is not None and workflow.schedule.next_after(datetime(2025, 1, 1, tzinfo=UTC)).year >= 2025
+
+
+@pytest.mark.parametrize(
+    ("tagged", "shown"),
+    [
+        ("!!omap", "!!omap"),
+        ("!!omap [a: 1]", "!!omap"),
+        ("!!set {a, b}", "!!set"),
+        ("!!pairs [a: 1]", "!!pairs"),
+        ("!!binary aGVsbG8=", "!!binary"),
+        ("!!timestamp 2024-01-01", "!!timestamp"),
+        ("!!python/object:os.system x", "!!python/object:os.system"),
+        ("!custom a", "!custom"),
+        ("!<tag:example.com,2024:x> a", "tag:example.com,2024:x"),
+        ("!!bool not-a-bool", "!!bool"),
+        ("!!int twelve", "!!int"),
+        ("!!str {a: 1}", "!!str"),
+        ("!!map [1]", "!!map"),
+    ],
+)
+def test_unsupported_yaml_tags_are_refused_with_their_place(tagged: str, shown: str) -> None:
+    with pytest.raises(DefinitionError) as caught:
+        load_text(f"name: w\ndescription: {tagged}\n" + UNIT_YAML, "w.yaml")
+    problems = [p for p in caught.value.problems if p.path == "description"]
+    assert [(p.file, p.line, p.col) for p in problems] == [("w.yaml", 2, 14)], caught.value.problems
+    assert f"YAML tag {shown} " in problems[0].message and "drop the tag" in problems[0].message
+
+
+def test_a_tag_deep_inside_is_refused_and_the_other_problems_still_reported() -> None:
+    text = "name: w\nunits:\n  - !thing\n    vm: !!set {a}\n    quiesce: frozen-solid\n    disks: []\n"
+    with pytest.raises(DefinitionError) as caught:
+        load_text(text, "w.yaml")
+    shown = [(p.line, p.col, p.path) for p in caught.value.problems]
+    assert (3, 5, "units[0]") in shown and (4, 9, "units[0].vm") in shown and (5, 14, "units[0].quiesce") in shown
+
+
+def test_redundant_core_tags_are_accepted() -> None:
+    workflow = load_text("name: !!str w\ndescription: !!str 123\nconcurrency: !!map {vms: !!int 3}\n" + UNIT_YAML)
+    assert (workflow.description, workflow.concurrency.vms) == ("123", 3)
+
+
+def test_default_retries_ride_out_thirty_seconds_of_site_unavailability_within_every_stage_timeout() -> None:
+    from flowcopy.engine import RETRY_JITTER
+
+    retry, timeouts = RetryPolicy(), StageTimeouts()
+    waits = [retry.delay(a) for a in range(1, retry.max_attempts)]
+    assert waits == sorted(waits) and max(waits) == retry.max_interval  # exponential, then bounded
+    assert retry.total_wait() * (1 - RETRY_JITTER) >= 30.0  # even with every wait cut short by the jitter
+    assert retry.total_wait() <= 120.0  # bounded: a dead site fails the unit within minutes
+    for stage in ("prepare", "freeze", "establish", "release", "withdraw"):
+        assert getattr(timeouts, stage) >= retry.total_wait(), stage

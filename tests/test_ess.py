@@ -152,17 +152,79 @@ def test_point_in_time_nocopy_and_incomplete_withdraw() -> None:
     assert array.query(now=100) == []
 
 
+def test_withdrawn_incomplete_target_keeps_its_old_physical_data() -> None:
+    """IBM: after a NOCOPY relationship ends "the track data on the target device is
+    unpredictable": its old physical tracks, mixed with what was copied (not zeros)."""
+    array = make(4)
+    stale = pattern(4 * TS, 7)
+    array.write(T, 0, stale, now=0)  # the target volume's previous life
+    image = pattern(4 * TS, 3)
+    array.write(S, 0, image, now=0)
+    array.establish(S, T, NOCOPY, now=1)
+    assert array.read(T, 0, 4 * TS, now=1) == image  # logically the point-in-time image
+    assert array.extents(T, now=1) == array.extents(S, now=1)
+    array.write(S, TS, b"new", now=2)  # copy-before-write moves track 1's old data
+    array.withdraw(S, T, now=3)
+    after = array.read(T, 0, 4 * TS, now=3)
+    assert after[TS : 2 * TS] == image[TS : 2 * TS]
+    for t in (0, 2, 3):
+        assert after[t * TS : (t + 1) * TS] == stale[t * TS : (t + 1) * TS]
+
+
+def test_resync_options_replace_the_old_ones() -> None:
+    array = make(4)
+    array.write(S, 0, b"v1", now=0)
+    array.establish(S, T, FlashOptions(record=True, persistent=True, inhibit_target_writes=True, tag="a"), now=0)
+    array.query(now=10)
+    array.write(S, 0, b"v2", now=11)
+    kept = array.resync(S, T, now=12, options=FlashOptions(record=True, persistent=True, tag="b"))
+    assert (kept.recording, kept.persistent, kept.inhibit_target_writes, kept.tag) == (True, True, False, "b")
+    array.write(T, 2 * TS, b"target may write now", now=12)
+    array.query(now=20)
+    array.write(S, 0, b"v3", now=21)
+    plain = array.resync(S, T, now=22)  # no -record -persist: recording stops, dissolves after the copy
+    assert (plain.recording, plain.persistent, plain.tag, plain.out_of_sync_tracks) == (False, False, "b", 2)
+    assert array.query(now=24) == []
+    assert array.read(T, 0, 2, now=24) == b"v3"
+    array.establish(S, U, FlashOptions(record=True, persistent=True), now=30)
+    array.query(now=40)
+    nocp = array.resync(S, U, now=41, freeze=True, options=FlashOptions(mode=CopyMode.NOCOPY, record=True, persistent=True))
+    assert nocp.mode is CopyMode.NOCOPY and not nocp.source_write_enabled
+
+
+def test_fast_reverse_restore_before_the_copy_finishes() -> None:
+    array = make(4)
+    image = pattern(4 * TS, 2)
+    array.write(S, 0, image, now=0)
+    array.establish(S, T, FlashOptions(mode=CopyMode.NOCOPY, record=True, persistent=True), now=0)
+    array.write(S, 0, b"damage", now=1)  # copy-before-write: track 0's image moves to T
+    refused(array, BackgroundCopyRunning,
+            f"cannot reverse {S} -> {T}: the forward copy is unfinished: 3 of 4 tracks out of sync "
+            "(nocopy relationship (no background copy))", lambda: array.reverse(S, T, now=2), now=2)
+    rel = array.reverse(S, T, now=2, fast=True)
+    assert (rel.source, rel.target) == (T, S)
+    assert array.read(S, 0, 4 * TS, now=2) == image  # the source is its point-in-time image again
+    assert array.volume(S).unusable is None
+    assert "fast reverse restore" in (array.volume(T).unusable or "")  # T never got tracks 1-3
+    array.withdraw(T, S, now=3)
+    array.establish(S, T, FlashOptions(), now=4)  # established again: usable once more
+    assert array.volume(T).unusable is None
+    clone = Array.from_state(array.to_state())
+    assert clone.to_state() == array.to_state()
+
+
 def test_background_copy_completes_and_dissolves_or_persists() -> None:
     array = make(4)
     array.write(S, 0, pattern(4 * TS, 1), now=0)
     array.establish(S, T, FlashOptions(), now=10)
     array.establish(S, U, FlashOptions(persistent=True), now=10)
-    assert array.copy_done_at(S, T, now=10) == 14.0  # 4 tracks at one track per second
-    assert [r.out_of_sync_tracks for r in array.query(now=12.5)] == [2, 2]
-    infos = array.query(now=14)
+    # the two copies share the array's one track per second: 4 tracks each take 8 s
+    assert array.copy_done_at(S, T, now=10) == 18.0
+    assert [r.out_of_sync_tracks for r in array.query(now=14.5)] == [2, 2]
+    infos = array.query(now=18)
     assert [(r.target, r.state, r.out_of_sync_tracks) for r in infos] == [(U, CopyState.COPIED, 0)]
-    assert array.read(T, 0, 4 * TS, now=14) == pattern(4 * TS, 1)
-    assert array.copy_done_at(S, U, now=20) == 14.0
+    assert array.read(T, 0, 4 * TS, now=18) == pattern(4 * TS, 1)
+    assert array.copy_done_at(S, U, now=20) == 18.0
 
 
 def test_copy_on_write_early_tracks_cost_no_copy_time() -> None:
@@ -203,7 +265,7 @@ def test_background_walk_skips_early_copied_tracks(
 def test_withdraw_after_copy() -> None:
     array = make(4)
     array.write(S, 0, pattern(4 * TS, 5), now=0)
-    array.establish(S, T, FlashOptions(mode=CopyMode.NOCOPY, persistent=True), now=0)
+    array.establish(S, T, FlashOptions(mode=CopyMode.NOCOPY), now=0)
     array.withdraw(S, T, now=1, after_copy=True)  # -cp starts the copy of a nocopy relationship
     (rel,) = array.query(now=1)
     assert rel.mode is CopyMode.COPY and rel.out_of_sync_tracks == 4
@@ -211,6 +273,23 @@ def test_withdraw_after_copy() -> None:
     array.write(S, 0, b"new", now=2)
     assert array.query(now=5) == []
     assert array.read(T, 0, 4 * TS, now=5) == pattern(4 * TS, 5)
+
+
+def test_withdraw_after_copy_of_a_persistent_relationship_keeps_it() -> None:
+    """rmflash -cp on a persistent relationship copies everything, and the relationship
+    stays (it is persistent): only a non-persistent one ends after its copy."""
+    array = make(4)
+    array.write(S, 0, pattern(4 * TS, 5), now=0)
+    array.establish(S, T, FlashOptions(mode=CopyMode.NOCOPY, persistent=True), now=0)
+    array.withdraw(S, T, now=1, after_copy=True)
+    (rel,) = array.query(now=1)
+    assert rel.mode is CopyMode.COPY and rel.out_of_sync_tracks == 4
+    (rel,) = array.query(now=5)
+    assert (rel.state, rel.persistent, rel.out_of_sync_tracks) == (CopyState.COPIED, True, 0)
+    array.withdraw(S, T, now=6, after_copy=True)  # copied and persistent: still nothing ends
+    assert len(array.query(now=6)) == 1
+    array.withdraw(S, T, now=7)
+    assert array.query(now=7) == [] and array.read(T, 0, 4 * TS, now=7) == pattern(4 * TS, 5)
 
 
 def test_multiple_targets_each_keep_their_own_point_in_time() -> None:
@@ -267,7 +346,7 @@ def test_resync_reverse_withdraw_refusals() -> None:
     refused(array, NotIncremental, f"cannot reverse {S} -> {T}: the relationship does not record changes",
             lambda: array.reverse(S, T, now=1), now=1)
     refused(array, BackgroundCopyRunning,
-            f"cannot reverse {U} -> {V}: the forward copy is unfinished: 3 of 4 tracks out of sync (background copy)",
+            f"cannot reverse {U} -> {V}: the forward copy is unfinished: 4 of 4 tracks out of sync (background copy)",  # two copies share 1 track/s
             lambda: array.reverse(U, V, now=1), now=1)
     refused(array, RelationshipNotFound, f"cannot withdraw {T} -> {S}: no such relationship (there is {S} -> {T})",
             lambda: array.withdraw(T, S, now=1), now=1)
@@ -334,20 +413,56 @@ def test_reverse_with_a_second_target_would_cascade() -> None:
 # ---------------------------------------------------------------------------- freezes
 
 
-def test_freeze_holds_the_whole_lss_until_unfreeze() -> None:
-    array = make(2, serials=(S, T, U, OTHER_LSS))
-    array.establish(S, T, FlashOptions(freeze=True), now=10)
+def test_freeze_holds_only_the_frozen_source_volumes_until_unfreeze() -> None:
+    """-freeze holds writes to the frozen FlashCopy *source*; the target and every other
+    volume of the LSS flow on; unfreezeflash LSS releases all of that LSS's frozen sources."""
+    W = "20813698"
+    array = make(2, serials=(S, T, U, V, W, OTHER_LSS))
+    array.establish(S, T, FlashOptions(mode=CopyMode.NOCOPY, freeze=True), now=10)
     with pytest.raises(LssHeld) as held:
-        array.write(U, 0, b"x", now=11)  # any volume of LSS 13
-    assert (held.value.lss, held.value.deadline) == ("13", 130.0)
-    assert array.held_until(T, now=11) == 130.0
-    array.write(OTHER_LSS, 0, b"other LSS flows", now=11)
-    array.establish(U, OTHER_LSS, FlashOptions(freeze=True), now=50)  # same group: the first deadline stays
-    assert [(f.lss, f.since, f.deadline) for f in array.frozen_lsses(now=50)] == [("13", 10.0, 130.0)]
+        array.write(S, 0, b"x", now=11)
+    assert (held.value.serial, held.value.lss, held.value.deadline) == (S, "13", 130.0)
+    assert array.held_until(S, now=11) == 130.0
+    for other in (T, U, V, W, OTHER_LSS):  # the target, unrelated LUNs of LSS 13, another LSS
+        assert array.held_until(other, now=11) is None
+        array.write(other, 0, b"flows", now=11)
+    (rel,) = array.query(volume=S, now=11)
+    assert (rel.source_write_enabled, rel.elb_deadline) == (False, 130.0)
+    array.establish(U, V, FlashOptions(mode=CopyMode.NOCOPY, freeze=True), now=50)  # same group: the first deadline stays
+    (freeze,) = array.frozen_lsses(now=50)
+    assert (freeze.lss, freeze.since, freeze.deadline, freeze.sources) == ("13", 10.0, 130.0, (S, U))
+    array.write(W, 0, b"still flows", now=51)
     (release,) = array.unfreeze(["13", "13", "99"], now=60)
-    assert (release.lss, release.since, release.released_at, release.by_timeout) == ("13", 10.0, 60.0, False)
+    assert (release.lss, release.since, release.released_at, release.by_timeout, release.sources) == (
+        "13", 10.0, 60.0, False, (S, U))
     assert array.unfreeze(["13"], now=61) == []
+    array.write(S, 0, b"x", now=61)
     array.write(U, 0, b"x", now=61)
+    assert [(h.serial, h.since, h.released_at, h.by_timeout) for h in array.hold_history(now=61)] == [
+        (S, 10.0, 60.0, False), (U, 50.0, 60.0, False)]
+    assert array.query(volume=S, now=61)[0].source_write_enabled
+
+
+def test_elb_timeout_is_a_per_lss_setting() -> None:
+    array = make(2, serials=(S, T, U, V, OTHER_LSS, "20814698"))
+    assert [(i.lss, i.volumes, i.elb_timeout) for i in array.list_lsses(now=0)] == [("13", 4, 120.0), ("14", 2, 120.0)]
+    info = array.set_elb_timeout("14", 30, now=0)
+    assert (info.lss, info.elb_timeout) == ("14", 30.0)
+    array.establish(S, T, FlashOptions(freeze=True), now=1)
+    array.establish(OTHER_LSS, "20814698", FlashOptions(freeze=True), now=1)
+    assert {f.lss: (f.deadline, f.elb_timeout) for f in array.frozen_lsses(now=1)} == {"13": (121.0, 120.0), "14": (31.0, 30.0)}
+    array.set_elb_timeout("13", 10, now=2)  # a running group keeps its timer
+    assert array.held_until(S, now=2) == 121.0
+    array.write(OTHER_LSS, 0, b"released by its own timer", now=31)
+    assert [(h.serial, h.released_at, h.by_timeout) for h in array.hold_history(now=31)] == [
+        (S, None, False), (OTHER_LSS, 31.0, True)]  # by start time, then serial
+    with pytest.raises(BadRequest, match="LSS 15: box 698 has no volume"):
+        array.set_elb_timeout("15", 10, now=31)
+    with pytest.raises(BadRequest, match=r"must be a number of seconds in \(0, 86400\]"):
+        array.set_elb_timeout("13", 0, now=31)
+    clone = Array.from_state(array.to_state())
+    assert clone.list_lsses(now=40) == array.list_lsses(now=40)
+    assert clone.hold_history(now=40) == array.hold_history(now=40)
 
 
 def test_elb_timeout_releases_by_itself_and_is_recorded() -> None:
@@ -519,15 +634,17 @@ async def test_elb_timeout_releases_a_held_write_at_120_s(autojump_clock: trio.t
     done: list[float] = []
 
     async def host_write() -> None:
-        await service.write(U, 0, b"held")
+        await service.write(S, 0, b"held")
         done.append(trio.current_time())
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(host_write)
+        await service.write(U, 0, b"unrelated")  # another LUN of the LSS is not held
+        assert trio.current_time() == 0.0
         await trio.sleep(119.9)
-        assert done == [] and await service.read(U, 0, 4) == bytes(4)
+        assert done == [] and await service.read(S, 0, 4) == bytes(4)
     assert done == [pytest.approx(120.0, abs=1e-9)]
-    assert await service.read(U, 0, 4) == b"held"
+    assert await service.read(S, 0, 4) == b"held"
     (release,) = await service.lss_releases()
     assert release.by_timeout and release.released_at == 120.0
 
@@ -606,12 +723,13 @@ def test_thousand_one_tib_volumes_with_sparse_writes_fit_in_200_mib() -> None:
 
 
 def test_demo_shows_the_point_in_time_image() -> None:
+    """The array part of `flowcopy demo`; the whole command (its exit code, this sentence
+    in its output, the backups after it) is run as a real process in
+    tests/test_cli_engine.py::test_demo_shows_the_point_in_time_copy_and_verified_backups."""
     import io
 
-    from click.testing import CliRunner
     from rich.console import Console
 
-    from flowcopy.cli import main
     from flowcopy.site.demo import array_demo
 
     out = io.StringIO()
@@ -619,8 +737,6 @@ def test_demo_shows_the_point_in_time_image() -> None:
     text = out.getvalue()
     assert "payroll.csv: 2026-12 Alice 9999" in text and "payroll.csv: 2026-11 Alice 4100" in text
     assert "Target 20413698 still holds the point-in-time image of 20313698" in text
-    result = CliRunner().invoke(main, ["demo"])
-    assert result.exit_code == 0 and "still holds the point-in-time image" in result.output
 
 
 def test_list_disks_in_the_order_a_host_shows_them() -> None:

@@ -54,7 +54,7 @@ async def test_default_lab_is_the_seeds() -> None:
         for d in vm.disks:
             if d.kind is DiskKind.RDM:
                 need[d.capacity] = need.get(d.capacity, 0) + 1
-    spares = [s for name in ("spare-256m", "spare-128m") for s in pools[name]]
+    spares = [s for name in ("spare-256m", "spare-128m", "spare-64m") for s in pools[name]]
     for size, count in need.items():
         assert sum(vol[s].capacity == size for s in spares) >= count
     assert len(pools["incremental"]) >= 1
@@ -71,7 +71,7 @@ async def test_default_lab_by_name_and_labels() -> None:
     nightly = [vm.name for vm in await site.list_vms({"backup": "nightly"})]
     assert nightly == sorted(nightly) and "rich-w2k-os-1" in nightly and "RICH-W2K-OS-2" not in nightly
     primed = await site.prime("rich-w2k-os-1")
-    assert {d.name: d.primed_name for d in primed} == {"Disk1": "E:", "Disk2": "L:", "Disk3": "M:"}
+    assert {d.name: d.primed_name for d in primed} == {"Disk1": "E:", "Disk2": "L:", "Disk3": "M:", "Disk4": "S:", "Disk5": "T:"}
     with pytest.raises(api.UnknownHost):
         await site.list_disks("nowhere")
 
@@ -124,7 +124,7 @@ def test_a_small_lab_file_loads(tmp_path: Path) -> None:
         ('rdm: "20313698"', 'rdm: "29913698"', "lab.yaml:14: vms[0].disks[0].rdm: no volume 29913698 on the array"),
         ("    host: esx1", "    host: esx9", "lab.yaml:11: vms[0]: no host 'esx9' in the farm"),
         ("disk: /data", "disk: /nope", "lab.yaml:16: workloads[0].disk: VM vm1 has no disk '/nope'"),
-        ("kind: filesystem", "kind: nosql", "lab.yaml:16: workloads[0].kind: kind must be 'filesystem' or 'database', not 'nosql'"),
+        ("kind: filesystem", "kind: nosql", "lab.yaml:16: workloads[0].kind: kind must be 'filesystem', 'database', 'sqlite' or 'ext4', not 'nosql'"),
         ("  - {name: esx1}", "  - {name: esx1, kind: mainframe}", "lab.yaml:9: hosts[0]: host esx1: kind must be one of esx, backup, not 'mainframe'"),
         ("lab: tiny", "lab: tiny\nvm: oops", "lab.yaml:2: lab.vm: unknown key 'vm'"),
         ('    disks:\n      - {name: Disk1, rdm: "20313698", guest_path: /data}', "    disks: {a: 1}",

@@ -51,10 +51,21 @@ EXPECTED = {
     ("establishing", "redo"): "prepared",
     ("compensating", "compensated"): "failed",
     ("compensating", "compensated_cancel"): "cancelled",
+    # a restore: stop what uses the destination, overwrite it, check it, start again
+    ("prepared", "stop"): "stopping",
+    ("stopping", "stopped"): "stopped",
+    ("stopped", "restore"): "restoring",
+    ("restoring", "restored"): "restored",
+    ("restored", "check"): "checking",
+    ("checking", "checked"): "checked",
+    ("checked", "start"): "starting",
+    ("starting", "started"): "started",
+    ("started", "copy"): "copying",
 }
 for _s in [
     "pending", "preparing", "prepared", "freezing", "frozen", "establishing", "established",
     "releasing", "released", "copying", "copied", "withdrawing",
+    "stopping", "stopped", "restoring", "restored", "checking", "checked", "starting", "started",
 ]:
     EXPECTED[(_s, "fail")] = "compensating"
     EXPECTED[(_s, "cancel")] = "compensating"
@@ -67,11 +78,13 @@ def test_states_and_sets() -> None:
         "pending", "preparing", "prepared", "freezing", "frozen", "establishing", "established",
         "releasing", "released", "copying", "copied", "withdrawing", "succeeded",
         "compensating", "failed", "cancelled",
+        "stopping", "stopped", "restoring", "restored", "checking", "checked", "starting", "started",
     }
-    assert len(STATES) == len(set(STATES)) == 16
+    assert len(STATES) == len(set(STATES)) == 24
     assert TERMINAL == {"succeeded", "failed", "cancelled"}
     assert INTENT_STATES == {
-        "preparing", "freezing", "establishing", "releasing", "copying", "withdrawing", "compensating"
+        "preparing", "freezing", "establishing", "releasing", "copying", "withdrawing", "compensating",
+        "stopping", "restoring", "checking", "starting",
     }
     assert FORWARD_PATH[0] == "pending" and FORWARD_PATH[-1] == "succeeded"
     # the forward path is a path through the table
@@ -286,7 +299,8 @@ def test_a_dropped_move_is_caught(moves: list[tuple[str, str, str]], data: st.Da
 
 TO_TERMINAL = {
     "succeeded": [(s, t, d) for (s, t), d in EXPECTED.items()
-                  if t not in ("fail", "cancel", "redo", "compensated", "compensated_cancel")],
+                  if t not in ("fail", "cancel", "redo", "compensated", "compensated_cancel")
+                  and s in FORWARD_PATH and d in FORWARD_PATH],
     "failed": [("pending", "prepare", "preparing"), ("preparing", "fail", "compensating"),
                ("compensating", "compensated", "failed")],
     "cancelled": [("pending", "cancel", "compensating"), ("compensating", "compensated_cancel", "cancelled")],
@@ -310,3 +324,20 @@ def test_history_must_start_at_pending() -> None:
     assert validate_history([("pending", "prepare")]) == [  # type: ignore[list-item]
         "move 1: expected (from, trigger, to), got ('pending', 'prepare')"
     ]
+
+
+def test_the_freeze_window_outcome_is_one_path_from_its_intent() -> None:
+    """The window journals its intent and then, once released, its outcome in one
+    transaction: the outcome must be the table's own steps from the intent to `released`,
+    and a unit found in the intent after a crash must be able to go back and redo."""
+    from flowcopy.machine import INTENT_STATES, WINDOW_INTENT, WINDOW_OUTCOME
+
+    assert WINDOW_INTENT in INTENT_STATES
+    state, path = WINDOW_INTENT, []
+    for trigger in WINDOW_OUTCOME:
+        path.append((state, trigger, next_state(state, trigger)))
+        state = path[-1][2]
+    assert state == "released"
+    before = [("pending", "prepare", "preparing"), ("preparing", "prepared", "prepared"), ("prepared", "freeze", "freezing")]
+    assert validate_history(before + path) == []
+    assert next_state(WINDOW_INTENT, "redo") == "prepared"

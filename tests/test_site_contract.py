@@ -93,7 +93,7 @@ async def test_hosts_and_vms(site: api.Site, autojump_clock: object) -> None:
     vm = await site.get_vm(W2K_1)
     assert vm.host == "esx-x440" and vm.power is api.PowerState.ON
     assert vm.labels["app"] == "sql"
-    assert [d.name for d in vm.disks] == ["Disk0", "Disk1", "Disk2", "Disk3"]
+    assert [d.name for d in vm.disks] == ["Disk0", "Disk1", "Disk2", "Disk3", "Disk4", "Disk5"]
     assert vm.disks[1].serial == E1 and vm.disks[1].kind is api.DiskKind.RDM
     assert QuiesceLevel.APPLICATION in vm.quiesce_levels
     with pytest.raises(api.UnknownVM, match="no VM 'ghost'"):
@@ -129,7 +129,7 @@ async def test_host_disks_and_prime(site: api.Site, autojump_clock: object) -> N
 
 async def test_volumes(site: api.Site, autojump_clock: object) -> None:
     vols = {v.serial: v for v in await site.list_volumes()}
-    assert len(vols) == 53
+    assert len(vols) == 62  # with the two space-efficient targets of the pool se-repo
     assert vols[E1] == api.VolumeInfo(serial=E1, lss="13", capacity=256 * MiB, online=True, label="E_drive_W2K_1")
     assert await site.get_volume(E1) == vols[E1]
     with pytest.raises(api.UnknownVolume) as caught:
@@ -141,7 +141,7 @@ async def test_pools(site: api.Site, autojump_clock: object) -> None:
     pools = await site.list_pools()
     assert pools["spare-256m"] == tuple(SPARES)
     assert pools["incremental"] == (INCR, "36116698")
-    assert set(pools) == {"spare-256m", "spare-128m", "rotation-12", "incremental"}
+    assert set(pools) == {"spare-256m", "spare-128m", "spare-64m", "rotation-12", "incremental"}
 
 
 # --------------------------------------------------------------------------- data
@@ -202,13 +202,19 @@ async def test_nocopy_lasts_until_withdraw(site: api.Site, autojump_clock: objec
 
 
 async def test_withdraw_after_copy(site: api.Site, autojump_clock: object) -> None:
+    """rmflash -cp ends a relationship after its copy, unless it is persistent (it stays)."""
     src, tgt = SPARES[4], SPARES[5]
     await site.write(src, 0, b"data")
-    await site.establish(src, tgt, FlashOptions(persistent=True))
+    await site.establish(src, tgt, FlashOptions(mode=CopyMode.NOCOPY))
     await site.withdraw(src, tgt, after_copy=True)
     await trio.sleep(COPY_SECONDS_256M + 1)
     assert await site.query(volume=src) == []
     assert await site.read(tgt, 0, 4) == b"data"
+    await site.establish(src, tgt, FlashOptions(mode=CopyMode.NOCOPY, persistent=True))
+    await site.withdraw(src, tgt, after_copy=True)
+    await trio.sleep(COPY_SECONDS_256M + 1)
+    (kept,) = await site.query(volume=src)
+    assert kept.persistent and kept.state is CopyState.COPIED
 
 
 async def test_establish_refusals(site: api.Site, autojump_clock: object) -> None:
@@ -261,8 +267,9 @@ async def test_incremental_resync_and_reverse(site: api.Site, autojump_clock: ob
     assert done.state is CopyState.COPIED and done.out_of_sync_tracks == 0
     await site.write(src, 0, b"v2" * 100)
     await site.write(src, 10 * api.TRACK_SIZE, b"more")
-    resynced = await site.resync(src, tgt, tag="incr-2")
-    assert 0 < resynced.out_of_sync_tracks <= 2 and resynced.tag == "incr-2"
+    # resyncflash's options replace the old ones: -record -persist are given again
+    resynced = await site.resync(src, tgt, options=FlashOptions(record=True, persistent=True, tag="incr-2"))
+    assert 0 < resynced.out_of_sync_tracks <= 2 and resynced.tag == "incr-2" and resynced.recording
     await trio.sleep(1)
     assert await site.read(tgt, 0, 200) == b"v2" * 100
     assert await site.read(tgt, 10 * api.TRACK_SIZE, 4) == b"more"
@@ -272,6 +279,11 @@ async def test_incremental_resync_and_reverse(site: api.Site, autojump_clock: ob
     assert (reversed_.source, reversed_.target) == (tgt, src)
     await trio.sleep(1)
     assert await site.read(src, 0, 200) == b"v2" * 100
+    await site.write(tgt, 0, b"v3")  # the restored source is the reversed pair's target now
+    plain = await site.resync(tgt, src)  # no -record -persist: it copies, then dissolves
+    assert not plain.recording and not plain.persistent
+    await trio.sleep(1)
+    assert await site.query(volume=src) == [] and await site.read(src, 0, 2) == b"v3"
 
 
 async def test_query_by_tag_and_volume(site: api.Site, autojump_clock: object) -> None:
@@ -310,6 +322,56 @@ async def test_freeze_holds_writes_until_unfreeze(site: api.Site, autojump_clock
     assert await site.read(RHEL3_DATA, 0, 4) == b"held"
     assert await site.frozen_lsses() == []
     assert await site.unfreeze(["14"]) == [], "unfreeze is idempotent"
+
+
+async def test_freeze_holds_only_the_frozen_source(site: api.Site, autojump_clock: object) -> None:
+    """Writes to the target and to unrelated LUNs of the same LSS flow during a freeze; the
+    site records each source's hold; unfreeze of the LSS releases all its frozen sources."""
+    await site.establish(SPARES[0], SPARES[1], FlashOptions(mode=CopyMode.NOCOPY, freeze=True))
+    await site.establish(SPARES[2], SPARES[3], FlashOptions(mode=CopyMode.NOCOPY, freeze=True))
+    t0 = await site.now()
+    for serial in (SPARES[1], SPARES[3], SPARES[4]):  # targets and an unrelated LUN of LSS 16
+        await site.write(serial, 0, b"flows")
+    assert await site.now() == pytest.approx(t0)
+    (frozen,) = await site.frozen_lsses()
+    assert frozen.sources == (SPARES[0], SPARES[2]) and frozen.elb_timeout == api.DEFAULT_ELB_TIMEOUT
+    (rel,) = await site.query(volume=SPARES[1])
+    assert not rel.source_write_enabled and rel.elb_deadline == pytest.approx(frozen.deadline)
+    await trio.sleep(2)
+    (release,) = await site.unfreeze(["16"])
+    assert release.sources == (SPARES[0], SPARES[2])
+    holds = await site.hold_history()
+    assert [h.serial for h in holds] == [SPARES[0], SPARES[2]]
+    assert all(h.released_at is not None and h.released_at - h.since == pytest.approx(2.0) and not h.by_timeout
+               for h in holds)
+
+
+async def test_elb_timeout_per_lss(site: api.Site, autojump_clock: object) -> None:
+    (info,) = [i for i in await site.list_lsses() if i.lss == "16"]
+    assert info.elb_timeout == api.DEFAULT_ELB_TIMEOUT and info.volumes >= 24
+    changed = await site.set_elb_timeout("16", 15)
+    assert changed.elb_timeout == 15.0
+    await site.establish(SPARES[0], SPARES[1], FlashOptions(mode=CopyMode.NOCOPY, freeze=True))
+    await site.write(SPARES[0], 0, b"waited")  # returns when the LSS's own timer lets it go
+    (hold,) = await site.hold_history()
+    assert hold.by_timeout and hold.released_at - hold.since == pytest.approx(15.0)
+    with pytest.raises(api.BadRequest, match="no volume in it"):
+        await site.set_elb_timeout("99", 10)
+
+
+async def test_fast_reverse_restore_leaves_the_former_target_unusable(site: api.Site, autojump_clock: object) -> None:
+    src, tgt = RHEL3_DATA, INCR
+    await site.write(src, 0, b"good" * 10)
+    await site.establish(src, tgt, FlashOptions(mode=CopyMode.NOCOPY, record=True, persistent=True))
+    await site.write(src, 0, b"BAD!" * 10)
+    with pytest.raises(api.BackgroundCopyRunning):
+        await site.reverse(src, tgt)
+    rel = await site.reverse(src, tgt, fast=True)
+    assert (rel.source, rel.target) == (tgt, src)
+    assert await site.read(src, 0, 40) == b"good" * 10
+    assert "fast reverse restore" in ((await site.get_volume(tgt)).unusable or "")
+    report = await site.check([tgt])
+    assert not report.consistent and "not a usable image" in report.problems[0]
 
 
 async def test_elb_timeout_releases_by_itself(site: api.Site, autojump_clock: object) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import ssl
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -109,7 +110,7 @@ def _table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[ob
 
     from rich import box
 
-    console = Console(width=None if sys.stdout.isatty() else 200)
+    console = Console(width=None if sys.stdout.isatty() else 400)  # lsflash has 13 columns, dates among them
     table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False)
     for col in columns:
         table.add_column(col, overflow="fold")
@@ -125,16 +126,36 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _show_relationships(rels: Sequence[api.RelationshipInfo], as_json: bool) -> None:
+def _show_relationships(rels: Sequence[api.RelationshipInfo], as_json: bool, *, site_now: float | None = None) -> None:
+    """With `site_now` (the site's clock read now), site times are shown as local dates,
+    taking the site clock to run at wall speed as a served site does."""
     if as_json:
         _emit_json(list(rels))
         return
+
+    def when(t: float) -> str:
+        if site_now is None:
+            return f"{t:.3f}"
+        import time
+        from datetime import datetime
+
+        return datetime.fromtimestamp(time.time() - (site_now - t)).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+    def state(r: api.RelationshipInfo) -> str:
+        if r.state is api.CopyState.FAILED:
+            return "failed (space-efficient pool full)" if r.space_efficient else "failed"
+        if r.mode is api.CopyMode.NOCOPY and r.state is api.CopyState.COPYING:
+            return "active (nocopy)"  # point in time held, no background copy
+        return r.state.value
+
     _table(
         None,
-        ["ID", "SeqNum/tag", "Mode", "Recording", "Persistent", "OutOfSyncTracks", "Tracks", "State", "TgtWriteInhibit", "Created", "Synced"],
+        ["ID", "SeqNum/tag", "Mode", "Recording", "Persistent", "OutOfSyncTracks", "Tracks", "State",
+         "TargetSE", "SourceWriteEnabled", "TargetWriteEnabled", "ELB deadline", "Created", "Synced"],
         [
             (r.id, r.tag, r.mode.value, _yn(r.recording), _yn(r.persistent), r.out_of_sync_tracks, r.total_tracks,
-             r.state.value, _yn(r.inhibit_target_writes), f"{r.created:.3f}", f"{r.synced:.3f}")
+             state(r), _yn(r.space_efficient), _yn(r.source_write_enabled), _yn(not r.inhibit_target_writes),
+             "-" if r.elb_deadline is None else when(r.elb_deadline), when(r.created), when(r.synced))
             for r in rels
         ],
     )
@@ -151,11 +172,66 @@ def _show_disks(disks: Sequence[api.HostDisk], as_json: bool) -> None:
     _table(None, ["Host", "Disk", "Serial", "Primed name"], [(d.host, d.name, d.serial, d.primed_name) for d in disks])
 
 
+def _is_ref(ref: str) -> bool:
+    """A task's volume reference: an 8-digit serial, or HOST:DISK (a disk name or a primed
+    device name, which may itself end in a colon, as in `esx1:E:`)."""
+    if ref.isdigit():
+        return len(ref) == 8
+    host, sep, name = ref.partition(":")
+    return bool(sep and host and name)
+
+
 def _pair(value: str) -> tuple[str, str]:
-    source, sep, target = value.partition(":")
-    if not sep or not source or not target:
-        raise click.BadParameter(f"a pair is SOURCE:TARGET, not {value!r}")
-    return source, target
+    """SOURCE:TARGET where each side is a serial or HOST:DISK: the colon between them is
+    the one split point that leaves two valid references (`esx1:Disk1:20413698`)."""
+    parts = value.split(":")
+    splits = [(":".join(parts[:k]), ":".join(parts[k:])) for k in range(1, len(parts))]
+    valid = [(s, t) for s, t in splits if _is_ref(s) and _is_ref(t)]
+    if len(valid) == 1:
+        return valid[0]
+    if not valid:
+        raise click.BadParameter(
+            f"a pair is SOURCE:TARGET, each an 8-digit serial or HOST:DISK (e.g. 20313698:20413698 or "
+            f"esx1:Disk1:20413698), not {value!r}", param_hint="--pair")
+    raise click.BadParameter(
+        f"{value!r} can be read as {' or '.join(f'{s} -> {t}' for s, t in valid)}: write one side as a serial",
+        param_hint="--pair")
+
+
+async def _check_task(client: SiteClient, name: str, pairs: Sequence[tuple[str, str]]) -> None:
+    """Resolve every reference now and check what the array would refuse at once (unknown
+    host, disk or volume, unequal sizes, a target twice): a saved task is run unattended."""
+    listings: dict[str, list[api.HostDisk]] = {}
+
+    async def serial_of(ref: str) -> str:
+        if ref.isdigit():
+            return ref
+        host, _, disk = ref.partition(":")
+        if host not in listings:
+            listings[host] = await client.list_disks(host)
+        for d in listings[host]:
+            if disk in (d.name, d.primed_name):
+                return d.serial
+        known = ", ".join(f"{d.name}" + (f" ({d.primed_name})" if d.primed_name else "") for d in listings[host])
+        raise _Fail(f"task {name}: {ref}: {host} has no disk or primed device {disk!r} (it has: {known or 'none'}; "
+                    f"`flowcopy site prime --host {host}` loads device names)")
+
+    resolved = []
+    for source, target in pairs:
+        s, t = await serial_of(source), await serial_of(target)
+        if s == t:
+            raise _Fail(f"task {name}: {source}:{target}: source and target are the same volume {s}")
+        sv, tv = await client.get_volume(s), await client.get_volume(t)
+        if sv.capacity != tv.capacity:
+            raise _Fail(f"task {name}: {source}:{target}: {s} has {sv.capacity} bytes, {t} has {tv.capacity}: "
+                        "FlashCopy needs equal sizes")
+        resolved.append((s, t))
+    targets = [t for _, t in resolved]
+    for t in targets:
+        if targets.count(t) > 1:
+            raise _Fail(f"task {name}: target {t} is used by {targets.count(t)} pairs")
+        if t in {s for s, _ in resolved}:
+            raise _Fail(f"task {name}: {t} is both a source and a target")
 
 
 def _options(nocp: bool, record: bool, persist: bool, freeze: bool, seqnum: str | None, tgtinhibit: bool) -> api.FlashOptions:
@@ -177,7 +253,7 @@ def flash_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--nocp", is_flag=True, help="No background copy (copy-on-write only; lasts until rmflash)."),
             click.option("--record", is_flag=True, help="Record changes (incremental; needs --persist)."),
             click.option("--persist", is_flag=True, help="Keep the relationship after the copy completes."),
-            click.option("--freeze", is_flag=True, help="Consistency group: hold the source LSS's writes until unfreeze."),
+            click.option("--freeze", is_flag=True, help="Consistency group: hold writes to the source volume until unfreeze of its LSS (or its ELB timeout)."),
             click.option("--seqnum", default=None, help="Sequence number / tag stored on the relationship."),
             click.option("--tgtinhibit", is_flag=True, help="Refuse host writes to the target."),
         ]
@@ -202,23 +278,37 @@ def site_group() -> None:
 @click.option("--port", type=int, default=8470, show_default=True, help="Port; 0 picks a free one.")
 @click.option("--token-file", default=None, help="Bearer token file (default: STATE/token, generated 0600).")
 @click.option("--speed", type=float, default=1.0, show_default=True, help="Site seconds per real second.")
-def serve(lab: str | None, state_dir: Path | None, host: str, port: int, token_file: str | None, speed: float) -> None:
-    """Serve the whole site (array, farm, workloads) over HTTP, with durable state."""
+@click.option("--certfile", default=None, help="TLS certificate (PEM): serve HTTPS; needed to listen beyond loopback.")
+@click.option("--keyfile", default=None, help="TLS private key (PEM) of --certfile.")
+@click.option("--max-read", type=int, default=64 * 1024 * 1024, show_default=True,
+              help="Longest volume read one request may ask for, in bytes (longer reads stream).")
+def serve(lab: str | None, state_dir: Path | None, host: str, port: int, token_file: str | None, speed: float,
+          certfile: str | None, keyfile: str | None, max_read: int) -> None:
+    """Serve the whole site (array, farm, workloads) over HTTP(S), with durable state."""
     from flowcopy import logs
-    from flowcopy.site.server import serve_state
+    from flowcopy.site.server import InsecureBind, check_bind, serve_state
 
     logs.configure(level="info")
     if speed <= 0:
         _fail(f"--speed must be positive, not {speed}")
     if not 0 <= port <= 65535:
         _fail(f"--port must be 0..65535, not {port}")
+    if max_read < 1:
+        _fail(f"--max-read must be at least 1 byte, not {max_read}")
+    try:
+        check_bind(host, certfile, keyfile)
+    except InsecureBind as exc:
+        _fail(str(exc))
     state = state_dir or Path("store") / "site-served"
 
     async def main() -> None:
         try:
-            await serve_state(state, lab=lab, host=host, port=port, token_file=token_file, speed=speed)
+            await serve_state(state, lab=lab, host=host, port=port, token_file=token_file, speed=speed,
+                              certfile=certfile, keyfile=keyfile, max_read=max_read)
         except BaseException as exc:
             for leaf in _leaves(exc):
+                if isinstance(leaf, ssl.SSLError):
+                    raise _Fail(f"cannot serve TLS with --certfile {certfile} --keyfile {keyfile}: {leaf}") from None
                 if isinstance(leaf, OSError) and leaf.errno is not None and not leaf.filename:
                     raise _Fail(f"cannot serve on {host}:{port}: {leaf.strerror}") from None
             raise
@@ -236,8 +326,23 @@ async def lsvol(client: SiteClient, as_json: bool) -> None:
     if as_json:
         _emit_json(vols)
         return
-    _table(None, ["Serial", "LSS", "Capacity", "Online", "Label"],
-           [(v.serial, v.lss, _size(v.capacity), _yn(v.online), v.label) for v in vols])
+    _table(None, ["Serial", "LSS", "Capacity", "Online", "Label", "SE pool"],
+           [(v.serial, v.lss, _size(v.capacity), _yn(v.online), v.label, v.space_pool or "-") for v in vols])
+
+
+@site_group.command("lssestg")
+@site_options
+@json_option
+@with_client
+async def lssestg(client: SiteClient, as_json: bool) -> None:
+    """List the space-efficient pools (repositories): capacity, space used, volumes."""
+    pools = await client.list_space_pools()
+    if as_json:
+        _emit_json(pools)
+        return
+    _table(None, ["Pool", "Capacity", "Used", "Used %", "Volumes"],
+           [(p.name, _size(p.capacity), _size(p.used), f"{100 * p.used / p.capacity:.1f}", " ".join(p.volumes))
+            for p in pools])
 
 
 @site_group.command("lspool")
@@ -260,8 +365,8 @@ async def lspool(client: SiteClient, as_json: bool) -> None:
 @json_option
 @with_client
 async def lsflash(client: SiteClient, volume: str | None, tag: str | None, as_json: bool) -> None:
-    """List FlashCopy relationships (dscli lsflash)."""
-    _show_relationships(await client.query(volume=volume, tag=tag), as_json)
+    """List FlashCopy relationships (dscli lsflash); times as dates."""
+    _show_relationships(await client.query(volume=volume, tag=tag), as_json, site_now=await client.now())
 
 
 @site_group.command("lsfrozen")
@@ -269,14 +374,60 @@ async def lsflash(client: SiteClient, volume: str | None, tag: str | None, as_js
 @json_option
 @with_client
 async def lsfrozen(client: SiteClient, as_json: bool) -> None:
-    """List LSSs held in extended long busy by a consistency-group establish."""
+    """List the LSSs' consistency groups: their frozen source volumes (long busy) and ELB timer."""
     frozen = await client.frozen_lsses()
     if as_json:
         _emit_json(frozen)
         return
     now = await client.now()
-    _table(None, ["LSS", "Since", "ELB deadline", "Released in (s)"],
-           [(f.lss, f"{f.since:.3f}", f"{f.deadline:.3f}", f"{max(0.0, f.deadline - now):.1f}") for f in frozen])
+    _table(None, ["LSS", "Frozen sources", "Since", "ELB timeout (s)", "ELB deadline", "Released in (s)"],
+           [(f.lss, " ".join(f.sources) or "-", f"{f.since:.3f}", f"{f.elb_timeout:g}", f"{f.deadline:.3f}",
+             f"{max(0.0, f.deadline - now):.1f}") for f in frozen])
+
+
+@site_group.command("lslss")
+@site_options
+@json_option
+@with_client
+async def lslss(client: SiteClient, as_json: bool) -> None:
+    """List the LSSs with their consistency-group (ELB) timeout and frozen sources."""
+    lsses = await client.list_lsses()
+    if as_json:
+        _emit_json(lsses)
+        return
+    _table(None, ["LSS", "Volumes", "ELB timeout (s)", "Frozen sources"],
+           [(i.lss, i.volumes, f"{i.elb_timeout:g}", " ".join(i.frozen_sources) or "-") for i in lsses])
+
+
+@site_group.command("chlss")
+@click.argument("lss")
+@click.option("--extlongbusy", "seconds", type=float, required=True,
+              help="Consistency-group (ELB) timeout in seconds for groups formed from now on (default 120).")
+@site_options
+@json_option
+@with_client
+async def chlss(client: SiteClient, lss: str, seconds: float, as_json: bool) -> None:
+    """Change an LSS's consistency-group (extended long busy) timeout (dscli chlss -extlongbusy)."""
+    info = await client.set_elb_timeout(lss, seconds)
+    if as_json:
+        _emit_json(info)
+        return
+    click.echo(f"LSS {info.lss}: ELB timeout {info.elb_timeout:g} s")
+
+
+@site_group.command("lsholds")
+@site_options
+@json_option
+@with_client
+async def lsholds(client: SiteClient, as_json: bool) -> None:
+    """List the source-volume holds the array recorded (freeze to release)."""
+    holds = await client.hold_history()
+    if as_json:
+        _emit_json(holds)
+        return
+    _table(None, ["Source", "LSS", "Since", "Released at", "Held (s)", "By ELB timeout"],
+           [(h.serial, h.lss, f"{h.since:.3f}", "-" if h.released_at is None else f"{h.released_at:.3f}",
+             "-" if h.released_at is None else f"{h.released_at - h.since:.3f}", _yn(h.by_timeout)) for h in holds])
 
 
 @site_group.command("lshost")
@@ -338,15 +489,18 @@ async def prime(client: SiteClient, host: str, as_json: bool) -> None:
 
 @site_group.command("mktask")
 @click.argument("name")
-@click.option("--pair", "pairs", multiple=True, required=True, help="SOURCE:TARGET (repeatable; disk names of a primed host allowed).")
+@click.option("--pair", "pairs", multiple=True, required=True,
+              help="SOURCE:TARGET, each a serial or HOST:DISK (repeatable), e.g. esx1:Disk1:20413698.")
 @flash_options
 @site_options
 @with_client
 async def mktask(client: SiteClient, name: str, pairs: tuple[str, ...], nocp: bool, record: bool, persist: bool,
                  freeze: bool, seqnum: str | None, tgtinhibit: bool) -> None:
-    """Save a named copy-services task (a set of pairs and options)."""
+    """Save a named copy-services task (a set of pairs and options), checked against the
+    array first: every host disk and volume exists, sizes match, no target twice."""
     task = api.SavedTask(name=name, pairs=tuple(_pair(p) for p in pairs),
                          options=_options(nocp, record, persist, freeze, seqnum, tgtinhibit))
+    await _check_task(client, name, task.pairs)
     await client.save_task(task)
     click.echo(f"task {name} saved: {len(task.pairs)} pair(s)")
 
@@ -398,37 +552,46 @@ async def mkflash(client: SiteClient, source: str, target: str, nocp: bool, reco
 @click.argument("source")
 @click.argument("target")
 @click.option("--cp", "after_copy", is_flag=True, help="Finish the background copy first, then end the relationship.")
+@click.option("--tgtreleasespace", "release_space", is_flag=True,
+              help="Give a space-efficient target's tracks back to its pool (the target then reads as zeros).")
 @site_options
 @with_client
-async def rmflash(client: SiteClient, source: str, target: str, after_copy: bool) -> None:
+async def rmflash(client: SiteClient, source: str, target: str, after_copy: bool, release_space: bool) -> None:
     """Withdraw the relationship SOURCE -> TARGET."""
-    await client.withdraw(source, target, after_copy=after_copy)
-    click.echo(f"FlashCopy relationship {source}:{target} withdrawn" + (" (after copy)" if after_copy else ""))
+    await client.withdraw(source, target, after_copy=after_copy, release_space=release_space)
+    click.echo(f"FlashCopy relationship {source}:{target} withdrawn" + (" (after copy)" if after_copy else "")
+               + (", target space released" if release_space else ""))
 
 
 @site_group.command("resyncflash")
 @click.argument("source")
 @click.argument("target")
-@click.option("--freeze", is_flag=True, help="Consistency group: hold the source LSS's writes.")
-@click.option("--seqnum", default=None, help="New sequence number / tag.")
+@flash_options
 @site_options
 @json_option
 @with_client
-async def resyncflash(client: SiteClient, source: str, target: str, freeze: bool, seqnum: str | None, as_json: bool) -> None:
-    """Incremental refresh of a recording relationship: copy only changed tracks."""
-    _show_relationships([await client.resync(source, target, freeze=freeze, tag=seqnum)], as_json)
+async def resyncflash(client: SiteClient, source: str, target: str, nocp: bool, record: bool, persist: bool,
+                      freeze: bool, seqnum: str | None, tgtinhibit: bool, as_json: bool) -> None:
+    """Incremental refresh of a recording relationship: copy only changed tracks.
+
+    The flags given replace the relationship's, as with dscli: give --record --persist
+    again to keep it incremental (without them it dissolves after this copy)."""
+    options = _options(nocp, record, persist, freeze, seqnum, tgtinhibit)
+    _show_relationships([await client.resync(source, target, options=options)], as_json)
 
 
 @site_group.command("reverseflash")
 @click.argument("source")
 @click.argument("target")
 @click.option("--seqnum", default=None, help="New sequence number / tag.")
+@click.option("--fast", is_flag=True, help="Fast reverse restore: before the background copy has finished; "
+              "the former target is then no usable image until established again.")
 @site_options
 @json_option
 @with_client
-async def reverseflash(client: SiteClient, source: str, target: str, seqnum: str | None, as_json: bool) -> None:
+async def reverseflash(client: SiteClient, source: str, target: str, seqnum: str | None, fast: bool, as_json: bool) -> None:
     """Reverse restore TARGET -> SOURCE (changed tracks only); the roles swap."""
-    _show_relationships([await client.reverse(source, target, tag=seqnum)], as_json)
+    _show_relationships([await client.reverse(source, target, tag=seqnum, fast=fast)], as_json)
 
 
 @site_group.command("unfreeze")
@@ -445,8 +608,9 @@ async def unfreeze(client: SiteClient, lsses: tuple[str, ...], as_json: bool) ->
     if not releases:
         click.echo(f"not frozen: {' '.join(lsses)}")
         return
-    _table(None, ["LSS", "Since", "Released at", "By timeout"],
-           [(r.lss, f"{r.since:.3f}", f"{r.released_at:.3f}", _yn(r.by_timeout)) for r in releases])
+    _table(None, ["LSS", "Released sources", "Since", "Released at", "By timeout"],
+           [(r.lss, " ".join(r.sources) or "-", f"{r.since:.3f}", f"{r.released_at:.3f}", _yn(r.by_timeout))
+            for r in releases])
 
 
 @site_group.command("faults")
@@ -478,7 +642,7 @@ async def faults(client: SiteClient, plan_file: Any, absolute: bool, clear: bool
 @click.option("--calls", type=int, default=2000, show_default=True, help="Calls per measurement.")
 @click.option("--concurrency", type=int, default=16, show_default=True, help="Concurrent callers for the parallel figures.")
 @click.option("--vms", type=int, default=0, help="Instead: engine-like traffic for this many VMs, plain vs durable embedded site.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def bench(site_url: str | None, token_file: str | None, calls: int, concurrency: int, vms: int, as_json: bool) -> None:
     """Per-call overhead over loopback: calls/s for cheap reads and for establish+withdraw."""
     from flowcopy.site.server import run_bench

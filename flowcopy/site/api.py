@@ -11,9 +11,12 @@ engine's retry policy reads; the message always says which object and why.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextvars
+import inspect
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from enum import Enum
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import attrs
 
@@ -105,10 +108,32 @@ class WriteInhibited(SiteError):
 
 
 class LssBusy(SiteError):
-    """The LSS refused a copy-services command for now (too many in flight, or frozen)."""
+    """The LSS refused a copy-services command for now: its limit of concurrent
+    copy-services commands is in flight (`LocalSite(lss_command_limit=N)`); retry."""
 
     kind = "lss_busy"
     transient = True
+
+
+class SpaceEfficientRefused(SiteError):
+    """What a space-efficient target cannot do: background copy (`mkflash` without -nocp,
+    `rmflash -cp`), or be a FlashCopy source (track space-efficient volumes are targets only)."""
+
+    kind = "space_efficient_refused"
+
+
+class RelationshipFailed(SiteError):
+    """The relationship failed (its space-efficient pool ran out of space): only withdraw
+    (rmflash, with -tgtreleasespace to return the space) is possible; host writes to its
+    target are refused."""
+
+    kind = "relationship_failed"
+
+
+class PoolFull(SiteError):
+    """A host write needs new tracks of a space-efficient volume whose pool is full."""
+
+    kind = "pool_full"
 
 
 class UnknownTask(SiteError):
@@ -174,6 +199,14 @@ class BadRequest(SiteError):
     kind = "bad_request"
 
 
+class StaleFence(SiteError):
+    """The call carried a fence (key, epoch) older than one the site has already seen for
+    that key: another engine holds the unit now. Never retried: the caller has lost its
+    lease and must stop acting on the unit (see `fenced`)."""
+
+    kind = "stale_fence"
+
+
 class Unauthorized(SiteError):
     kind = "unauthorized"
 
@@ -195,6 +228,9 @@ ERRORS_BY_KIND: Mapping[str, type[SiteError]] = {
         RelationshipExists,
         WriteInhibited,
         LssBusy,
+        SpaceEfficientRefused,
+        RelationshipFailed,
+        PoolFull,
         UnknownTask,
         OutOfRange,
         UnknownHost,
@@ -207,6 +243,7 @@ ERRORS_BY_KIND: Mapping[str, type[SiteError]] = {
         InjectedFault,
         PermanentInjectedFault,
         BadRequest,
+        StaleFence,
         Unauthorized,
     ]
 }
@@ -217,6 +254,72 @@ def error_from_dict(data: Mapping[str, object]) -> SiteError:
     cls = ERRORS_BY_KIND.get(str(data.get("kind")), SiteError)
     details = data.get("details") or {}
     return cls(str(data.get("message", "")), **dict(details))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- fencing
+
+
+@attrs.frozen
+class Fence:
+    """A fencing token (Kleppmann): the caller acts for `key` (a unit) under lease epoch
+    `epoch`, which grows with every take-over. The site keeps the highest epoch seen per
+    key and refuses a call with a lower one (`StaleFence`), so a caller that was paused
+    after checking its lease cannot act once the new holder has reached the site."""
+
+    key: str
+    epoch: int
+
+
+_fences: contextvars.ContextVar[tuple[Fence, ...]] = contextvars.ContextVar("flowcopy_site_fences", default=())
+
+
+def current_fences() -> tuple[Fence, ...]:
+    """The fences the call being made (or served) carries, by key (none: not fenced)."""
+    return _fences.get()
+
+
+@contextmanager
+def fence_scope(*fences: Fence) -> Iterator[None]:
+    """Calls made inside carry `fences` too (a fence of a key already carried replaces
+    it). A context variable, not an argument, because the tokens must cross the site's
+    wrappers (faults, durability, HTTP) unchanged to the point where the site admits
+    the call."""
+    merged = {f.key: f for f in (*_fences.get(), *fences)}
+    token = _fences.set(tuple(merged[k] for k in sorted(merged)))
+    try:
+        yield
+    finally:
+        _fences.reset(token)
+
+
+class FencedView:
+    """`site` as seen by the holder of `fence`: every call carries it."""
+
+    def __init__(self, site: Any, fence: Fence) -> None:
+        self._site = site
+        self.fence = fence
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._site, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            with fence_scope(self.fence):
+                return await attr(*args, **kwargs)
+
+        call.__name__ = name
+        return call
+
+
+def fenced(site: Any, key: str, epoch: int) -> Any:
+    """The scoped view of `site` whose every call carries the fence (`key`, `epoch`): the
+    site admits it only if no higher epoch of `key` has reached it, and waits for calls
+    of lower epochs already admitted to finish first. Works on every `Site` flavour; a
+    view of a view carries both fences (a unit's and an LSS's, say)."""
+    if epoch < 0:
+        raise BadRequest(f"a fence epoch is a non-negative integer, not {epoch}")
+    return FencedView(site, Fence(str(key), int(epoch)))
 
 
 # --------------------------------------------------------------------------- values
@@ -233,6 +336,7 @@ class CopyState(str, Enum):
     COPYING = "copying"  # point in time taken; background copy running (or nocopy)
     COPIED = "copied"  # all tracks copied; only persistent relationships stay here
     REVERSING = "reversing"  # reverse restore copying target -> source
+    FAILED = "failed"  # its space-efficient target's pool ran out: the image is unusable
 
 
 class QuiesceLevel(str, Enum):
@@ -271,6 +375,8 @@ class VolumeInfo:
     capacity: int  # bytes, a multiple of TRACK_SIZE
     online: bool = True
     label: str | None = None
+    unusable: str | None = None  # why the volume holds no usable image (e.g. after a fast reverse)
+    space_pool: str | None = None  # the space-efficient pool backing it (None: fully provisioned)
 
 
 @attrs.frozen
@@ -287,6 +393,10 @@ class RelationshipInfo:
     inhibit_target_writes: bool
     created: float  # site time of establish (the point in time)
     synced: float  # site time of the last establish/resync/reverse
+    source_write_enabled: bool = True  # False while the source is frozen by a consistency group
+    elb_deadline: float | None = None  # while frozen: the LSS's ELB timer releases the source then
+    space_efficient: bool = False  # the target is space-efficient (no background copy; pool space)
+    failed: str | None = None  # why the relationship failed (state FAILED), e.g. its pool is full
 
     @property
     def id(self) -> str:
@@ -295,21 +405,63 @@ class RelationshipInfo:
 
 @attrs.frozen
 class LssFreeze:
-    """An LSS held in extended long busy by a consistency-group establish."""
+    """An LSS's FlashCopy consistency group: its frozen source volumes and its one ELB timer.
+
+    Only the `sources` hold their writes (long busy); other volumes of the LSS flow on.
+    """
 
     lss: str
-    since: float
-    deadline: float  # ELB timeout: writes flow again by themselves at this site time
+    since: float  # the first freeze of the group: the ELB timer runs from here
+    deadline: float  # ELB timeout: the sources' writes flow again by themselves at this site time
+    sources: tuple[str, ...] = ()  # the frozen FlashCopy source volumes
+    elb_timeout: float = DEFAULT_ELB_TIMEOUT  # the LSS's setting when the group formed
 
 
 @attrs.frozen
 class LssRelease:
-    """How an LSS freeze ended: unfreeze by a caller, or the ELB timeout."""
+    """How an LSS's consistency group ended: unfreeze by a caller, or the ELB timeout."""
 
     lss: str
     since: float
     released_at: float
     by_timeout: bool
+    sources: tuple[str, ...] = ()  # the source volumes it released
+
+
+@attrs.frozen
+class SourceHold:
+    """One source volume's hold, from its freeze to its release (the site's own record)."""
+
+    serial: str
+    lss: str
+    since: float  # the establish (or resync) with freeze of this source
+    deadline: float  # when the ELB timer would release it
+    released_at: float | None  # None: still held
+    by_timeout: bool  # released by the ELB timer, not by unfreeze
+
+
+@attrs.frozen
+class SpacePool:
+    """A space-efficient pool (repository): the physical space its volumes' tracks take.
+
+    A track of a space-efficient volume takes pool space the first time it is written or
+    copied into (once per track); `rmflash -tgtreleasespace` gives a target's tracks back.
+    """
+
+    name: str
+    capacity: int  # bytes
+    used: int  # bytes (whole tracks)
+    volumes: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class LssInfo:
+    """An LSS of the array and its consistency-group setting (`lslss`, `chlss`)."""
+
+    lss: str
+    volumes: int
+    elb_timeout: float  # extended-long-busy (consistency group) timeout, seconds
+    frozen_sources: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -484,16 +636,38 @@ class Site(Protocol):
     async def establish(self, source: str, target: str, options: FlashOptions) -> RelationshipInfo:
         ...
 
-    async def withdraw(self, source: str, target: str, *, after_copy: bool = False) -> None:
-        """rmflash; RelationshipNotFound if there is none (callers may treat it as done)."""
+    async def withdraw(self, source: str, target: str, *, after_copy: bool = False,
+                       release_space: bool = False) -> None:
+        """rmflash; RelationshipNotFound if there is none (callers may treat it as done).
+
+        `release_space` (-tgtreleasespace): a space-efficient target's tracks go back to
+        its pool (the target then reads as zeros); no effect on a standard target.
+        """
         ...
 
-    async def resync(self, source: str, target: str, *, freeze: bool = False, tag: str | None = None) -> RelationshipInfo:
-        """resyncflash: copy only tracks changed on either side; target becomes source's image now."""
+    async def resync(
+        self,
+        source: str,
+        target: str,
+        *,
+        freeze: bool = False,
+        tag: str | None = None,
+        options: FlashOptions | None = None,
+    ) -> RelationshipInfo:
+        """resyncflash: copy only tracks changed on either side; target becomes source's image now.
+
+        The options given *replace* the relationship's (DS CLI): without `record` and
+        `persistent` it stops recording and dissolves after its copy. `options=None` is a
+        resync with no flags but `freeze` and `tag`; a `tag` of None keeps the old one.
+        """
         ...
 
-    async def reverse(self, source: str, target: str, *, tag: str | None = None) -> RelationshipInfo:
-        """reverseflash: restore target -> source (changed tracks only); roles swap."""
+    async def reverse(self, source: str, target: str, *, tag: str | None = None, fast: bool = False) -> RelationshipInfo:
+        """reverseflash: restore target -> source (changed tracks only); roles swap.
+
+        `fast` (fast reverse restore) is allowed before the forward copy has finished; the
+        former target then holds no usable image until it is established again.
+        """
         ...
 
     async def query(self, *, volume: str | None = None, tag: str | None = None) -> list[RelationshipInfo]:
@@ -505,6 +679,22 @@ class Site(Protocol):
         ...
 
     async def frozen_lsses(self) -> list[LssFreeze]: ...
+
+    async def hold_history(self) -> list[SourceHold]:
+        """Every source-volume hold the array recorded (ended and current), by start time."""
+        ...
+
+    async def list_lsses(self) -> list[LssInfo]:
+        """lslss: the LSSs and their consistency-group (ELB) timeout."""
+        ...
+
+    async def set_elb_timeout(self, lss: str, seconds: float) -> LssInfo:
+        """chlss -extlongbusy: the LSS's ELB timeout for consistency groups formed from now on."""
+        ...
+
+    async def list_space_pools(self) -> list[SpacePool]:
+        """lssestg: the space-efficient pools, their capacity, use and volumes."""
+        ...
 
     async def save_task(self, task: SavedTask) -> None: ...
 

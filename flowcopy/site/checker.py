@@ -10,6 +10,9 @@ FCFS — a file system with a superblock, a metadata journal, inodes with per-bl
 checksums and shadow-copied data blocks; FCDB — a log LUN and a data-page LUN where every
 page carries the sequence number of the log record it reflects.
 
+Images of real software (SQLite files on LUNs, ext4) are handed to
+`flowcopy.site.apps.sqlite_check` / `ext4_check`, which judge them with SQLite and e2fsck.
+
 Every problem names the object and the place: "file orders.csv block 3 checksum
 mismatch", "page 812 on 20714698 reflects log record 4411 which the log image on
 20513698 lacks (the log ends at record 4409)", "superblock unreadable".
@@ -25,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flowcopy.site.api import CheckReport
+from flowcopy.site.apps import ext4_check, sqlite_check
 
 Read = Callable[[str, int, int], bytes]
 
@@ -320,8 +324,12 @@ def check_database(read: Read, log_serial: str, data_serial: str) -> CheckReport
 # --------------------------------------------------------------------------- sniffing
 
 
+REAL_KINDS = frozenset({"sqlite-file", "ext4"})
+"""Images written by real software, judged by that software's own tools (slower: files, processes)."""
+
+
 def sniff(read: Read, serial: str) -> str:
-    """What an image holds, by its first block: filesystem, db-log, db-data, empty, unknown."""
+    """What an image holds, by its first blocks: filesystem, db-log, db-data, sqlite-file, ext4, empty, unknown."""
     head = read(serial, 0, 16)
     if head[:8] == FS_MAGIC:
         return "filesystem"
@@ -329,13 +337,56 @@ def sniff(read: Read, serial: str) -> str:
         return "db-log"
     if head[:8] == DATA_MAGIC:
         return "db-data"
+    if head[:8] == sqlite_check.MAGIC:
+        return "sqlite-file"
+    if ext4_check.is_ext(read, serial):
+        return "ext4"
     if not any(read(serial, 0, BLOCK)):
         return "empty"
     return "unknown"
 
 
-def check_images(read: Read, serials: Sequence[str]) -> CheckReport:
-    """Sniff each image's format and check it; databases pair a log with its data LUN by name."""
+def _listed(serials: Sequence[str], most: int = 8) -> str:
+    """The checked serials for a message; a long check would make every message as long as itself."""
+    shown = ", ".join(serials[:most])
+    return shown if len(serials) <= most else f"{shown} and {len(serials) - most} more"
+
+
+def _check_real(read: Read, serials: Sequence[str], kinds: Mapping[str, str], expect: Mapping[str, Mapping[str, Any]],
+                problems: list[str], summary: dict[str, str], found: list[str]) -> None:
+    """SQLite files (a main file with its journal/WAL, paired by name) and ext4 file systems."""
+    files = {s: sqlite_check.lun_file(read, s) for s in serials if kinds[s] == "sqlite-file"}
+    by_name = {info[0]: s for s, info in files.items() if info is not None}
+    for name, serial in sorted(by_name.items()):
+        if name.endswith(("-journal", "-wal")):
+            if name.rsplit("-", 1)[0] not in by_name:
+                problems.append(f"SQLite file {name} on {serial} has no main database among {', '.join(serials)}")
+            continue
+        group = [serial] + [by_name[n] for n in (f"{name}-journal", f"{name}-wal") if n in by_name]
+        marks = [expect[s] for s in group if expect.get(s, {}).get("kind") == "sqlite"]
+        point = {"committed": min(int(m["committed"]) for m in marks)} if marks else None
+        report = sqlite_check.check_sqlite(read, group, point)
+        found.append("sqlite")
+        problems.extend(report.problems)
+        summary.update({f"{'+'.join(group)}:{k}": v for k, v in report.summary.items()})
+    systems, lone = ext4_check.pair(read, [s for s in serials if kinds[s] == "ext4"])
+    for serial, journal, missing in systems:  # a file system with its external journal's LUN, if any
+        marks = [expect[s] for s in (serial, journal) if s and expect.get(s, {}).get("kind") == "ext4"]
+        report = ext4_check.check_ext4(read, serial, marks, journal=journal, missing_journal=missing)
+        found.append("ext4")
+        problems.extend(report.problems)
+        summary.update({f"{serial}:{k}": v for k, v in report.summary.items()})
+    for serial in lone:
+        summary[f"{serial}:kind"] = "ext4 journal device (no file system among the images uses it)"
+
+
+def check_images(read: Read, serials: Sequence[str], expect: Mapping[str, Mapping[str, Any]] | None = None) -> CheckReport:
+    """Sniff each image's format and check it; databases pair a log with its data LUN by name.
+
+    Images of real applications (SQLite, ext4) are judged by SQLite and e2fsck beside
+    ours; `expect` maps a serial to the point in time its application had at establish
+    (what the image must hold at least), when the site knows it.
+    """
     kinds = {serial: sniff(read, serial) for serial in serials}
     problems: list[str] = []
     summary: dict[str, str] = {}
@@ -347,7 +398,7 @@ def check_images(read: Read, serials: Sequence[str]) -> CheckReport:
         name = read(log, 0, BLOCK)[24:56]
         match = [d for d in datas if d not in paired and read(d, 0, BLOCK)[20:52] == name]
         if not match:
-            problems.append(f"database log {log} has no data LUN among {', '.join(serials)}")
+            problems.append(f"database log {log} has no data LUN among {_listed(serials)}")
             continue
         data = match[0]
         paired.update({log, data})
@@ -357,7 +408,9 @@ def check_images(read: Read, serials: Sequence[str]) -> CheckReport:
         summary.update({f"{log}+{data}:{k}": v for k, v in report.summary.items()})
     for data in datas:
         if data not in paired:
-            problems.append(f"database data {data} has no log LUN among {', '.join(serials)}")
+            problems.append(f"database data {data} has no log LUN among {_listed(serials)}")
+    if any(k in REAL_KINDS for k in kinds.values()):
+        _check_real(read, serials, kinds, expect or {}, problems, summary, found)
     for serial in serials:
         kind = kinds[serial]
         if kind == "filesystem":
@@ -379,6 +432,20 @@ def check_images(read: Read, serials: Sequence[str]) -> CheckReport:
     else:
         kind = "unknown"
     return CheckReport(consistent=not problems, kind=kind, problems=tuple(problems), summary=summary)
+
+
+def reader(images: Mapping[str, Sequence[tuple[int, bytes]]]) -> Read:
+    """A `Read` over copied extents (serial -> [(offset, bytes)]); zeros elsewhere."""
+
+    def read(serial: str, offset: int, length: int) -> bytes:
+        out = bytearray(length)
+        for start, data in images[serial]:
+            lo, hi = max(start, offset), min(start + len(data), offset + length)
+            if lo < hi:
+                out[lo - offset : hi - offset] = data[lo - start : hi - start]
+        return bytes(out)
+
+    return read
 
 
 async def pull_images(site: Any, serials: Sequence[str]) -> Read:

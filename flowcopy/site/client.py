@@ -22,6 +22,7 @@ import httpx
 
 from flowcopy.site import api, codec
 from flowcopy.site.faults import FaultPlan
+from flowcopy.site.fencing import HEADER as FENCE_HEADER, header_value
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_WRITE_TIMEOUT = 300.0
@@ -86,12 +87,18 @@ class SiteClient:
         timeout: float | None = None,
     ) -> httpx.Response:
         kwargs: dict[str, Any] = {}
+        headers: dict[str, str] = {}
         if body is not None:
             kwargs["content"] = codec.dumps(body)
-            kwargs["headers"] = {"Content-Type": "application/json"}
+            headers["Content-Type"] = "application/json"
         elif content is not None:
             kwargs["content"] = content
-            kwargs["headers"] = {"Content-Type": "application/octet-stream"}
+            headers["Content-Type"] = "application/octet-stream"
+        fences = api.current_fences()
+        if fences:  # the site admits the call by them (`api.fenced`)
+            headers[FENCE_HEADER] = header_value(fences)
+        if headers:
+            kwargs["headers"] = headers
         if timeout is not None:
             kwargs["timeout"] = httpx.Timeout(timeout, pool=None)
         try:
@@ -104,7 +111,7 @@ class SiteClient:
             ) from None
         except httpx.TransportError as exc:
             raise api.SiteUnavailable(
-                f"cannot reach the site at {self.url} ({method} {path}): {exc or type(exc).__name__}",
+                f"cannot reach the site at {self.url} ({method} {path}): {_reason(exc)}",
                 url=self.url,
             ) from None
         if response.status_code >= 400:
@@ -146,6 +153,10 @@ class SiteClient:
 
     async def now(self) -> float:
         return float((await self._request("GET", "/time")).json()["now"])
+
+    async def fence_report(self) -> dict[str, int]:
+        """The site's fence book: keys it holds a mark for, fenced calls admitted and refused."""
+        return dict((await self._request("GET", "/fences")).json())
 
     # ---- inventory
 
@@ -204,18 +215,22 @@ class SiteClient:
         body = codec.EstablishRequest(source=source, target=target, options=options)
         return await self._post("/flashcopies", api.RelationshipInfo, body)
 
-    async def withdraw(self, source: str, target: str, *, after_copy: bool = False) -> None:
-        params = {"after_copy": "true"} if after_copy else None
+    async def withdraw(self, source: str, target: str, *, after_copy: bool = False,
+                       release_space: bool = False) -> None:
+        params = {"after_copy": "true"} if after_copy else {}
+        if release_space:
+            params["release_space"] = "true"
         await self._request("DELETE", f"/flashcopies/{_q(source)}:{_q(target)}", params=params)
 
     async def resync(
-        self, source: str, target: str, *, freeze: bool = False, tag: str | None = None
+        self, source: str, target: str, *, freeze: bool = False, tag: str | None = None,
+        options: api.FlashOptions | None = None,
     ) -> api.RelationshipInfo:
-        body = codec.ResyncRequest(freeze=freeze, tag=tag)
+        body = codec.ResyncRequest(freeze=freeze, tag=tag, options=options)
         return await self._post(f"/flashcopies/{_q(source)}:{_q(target)}/resync", api.RelationshipInfo, body)
 
-    async def reverse(self, source: str, target: str, *, tag: str | None = None) -> api.RelationshipInfo:
-        body = codec.ReverseRequest(tag=tag)
+    async def reverse(self, source: str, target: str, *, tag: str | None = None, fast: bool = False) -> api.RelationshipInfo:
+        body = codec.ReverseRequest(tag=tag, fast=fast)
         return await self._post(f"/flashcopies/{_q(source)}:{_q(target)}/reverse", api.RelationshipInfo, body)
 
     async def query(self, *, volume: str | None = None, tag: str | None = None) -> list[api.RelationshipInfo]:
@@ -228,6 +243,18 @@ class SiteClient:
 
     async def frozen_lsses(self) -> list[api.LssFreeze]:
         return await self._get("/consistency-groups", list[api.LssFreeze])
+
+    async def hold_history(self) -> list[api.SourceHold]:
+        return await self._get("/consistency-groups/holds", list[api.SourceHold])
+
+    async def list_lsses(self) -> list[api.LssInfo]:
+        return await self._get("/lsses", list[api.LssInfo])
+
+    async def list_space_pools(self) -> list[api.SpacePool]:
+        return await self._get("/space-pools", list[api.SpacePool])
+
+    async def set_elb_timeout(self, lss: str, seconds: float) -> api.LssInfo:
+        return await self._post(f"/lsses/{_q(lss)}", api.LssInfo, codec.ElbTimeoutRequest(seconds=seconds))
 
     async def save_task(self, task: api.SavedTask) -> None:
         await self._request("POST", "/tasks", body=task)
@@ -287,6 +314,20 @@ class SiteClient:
 
     async def clear_faults(self) -> None:
         await self._request("DELETE", "/faults")
+
+
+def _reason(exc: BaseException) -> str:
+    """The first cause that says something (httpx's own errors are often empty), with what
+    to do when it is the site's TLS certificate the client does not trust."""
+    seen: BaseException | None = exc
+    text = ""
+    while seen is not None and not text:
+        text = str(seen).strip()
+        seen = seen.__cause__ or seen.__context__
+    text = text or type(exc).__name__
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        text += " (trust the site's certificate: SSL_CERT_FILE=FILE with its certificate or CA, PEM)"
+    return text
 
 
 def read_token(path: str | Path) -> str:

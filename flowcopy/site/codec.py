@@ -50,11 +50,18 @@ class EstablishRequest:
 class ResyncRequest:
     freeze: bool = False
     tag: str | None = None
+    options: api.FlashOptions | None = None  # they replace the relationship's (resyncflash)
 
 
 @attrs.frozen
 class ReverseRequest:
     tag: str | None = None
+    fast: bool = False  # fast reverse restore
+
+
+@attrs.frozen
+class ElbTimeoutRequest:
+    seconds: float
 
 
 @attrs.frozen

@@ -1,4 +1,4 @@
-"""A point-in-time copy on the seed's LUNs, shown to a person: the array part of `flowcopy demo`.
+"""A point-in-time copy on the seed's LUNs, shown to a person: the site parts of `flowcopy demo`.
 
 It drives the synchronous array core directly (no engine, no trio), so it runs in well
 under a second and shows exactly the FlashCopy rules: after establish the source keeps
@@ -7,10 +7,17 @@ changing, the target keeps the image of the instant of establish.
 
 from __future__ import annotations
 
+import sqlite3
+import tempfile
+from pathlib import Path
+
+import trio
 from rich.console import Console
 from rich.table import Table
 
+from flowcopy.site import checker
 from flowcopy.site.api import TRACK_SIZE, CopyMode, FlashOptions
+from flowcopy.site.apps import sqlite_check
 from flowcopy.site.ess import Array
 
 SOURCE, TARGET = "20313698", "20413698"  # LSS 13 of box 698: E: of W2K_1 and of the second guest
@@ -93,3 +100,55 @@ def array_demo(console: Console) -> bool:
     else:
         console.print(f"[red]Target {TARGET} differs from the image of {SOURCE} at establish.[/red]")
     return same
+
+
+# ---------------------------------------------------------------------------- real SQLite
+
+BANK_LUNS = {"source": ("25013698", "25214698"), "copy": ("25113698", "25314698")}  # S: + T: of each guest
+
+
+def bank_demo(console: Console, state_dir: Path) -> bool:
+    """After the demo's runs: the SQL guest's SQLite bank and its copy, counted by the stdlib's sqlite3.
+
+    True iff the copy passes SQLite's judgement (recovery, integrity_check, invariant, the
+    point in time recorded at establish).
+    """
+    return trio.run(_bank_demo, console, state_dir)
+
+
+async def _bank_demo(console: Console, state_dir: Path) -> bool:
+    from flowcopy.site.persist import open_site
+
+    table = Table(title="The SQL guest's SQLite bank (main file S:, rollback journal T:), read by Python's sqlite3")
+    for column in ("", "LUNs", "accounts", "history rows", "total balance", "SQLite's verdict"):
+        table.add_column(column)
+    ok = False
+    async with open_site(state_dir, workloads=False) as site:
+        for role, serials in BANK_LUNS.items():
+            report = await site.check(list(serials))
+            read = await checker.pull_images(site, list(serials))
+            counts = await trio.to_thread.run_sync(_counts, read, list(serials))
+            verdict = "[green]ok[/green]" if report.consistent else f"[red]{'; '.join(report.problems)[:120]}[/red]"
+            point = report.summary.get(f"{'+'.join(serials)}:committed_at_establish")
+            if point is not None:
+                verdict += f" (≥ {point} commits at establish)"
+            table.add_row(role, " + ".join(serials), *counts, verdict)
+            ok = report.consistent if role == "copy" else ok
+    console.print(table)
+    return ok
+
+
+def _counts(read: checker.Read, serials: list[str]) -> tuple[str, str, str]:
+    """Row counts from the standard library's SQLite on files exported from the LUNs."""
+    with tempfile.TemporaryDirectory(prefix="flowcopy-demo-") as tmp:
+        names = sqlite_check.export_files(read, serials, Path(tmp))
+        main = next((n for n in names if not n.endswith(("-journal", "-wal"))), None)
+        if main is None or not (Path(tmp) / main).exists():
+            return ("-", "-", "-")
+        con = sqlite3.connect(Path(tmp) / main)
+        try:
+            accounts, total = con.execute("SELECT count(*), sum(balance) FROM accounts").fetchone()
+            (history,) = con.execute("SELECT count(*) FROM history").fetchone()
+        finally:
+            con.close()
+    return (f"{accounts:,}", f"{history:,}", f"{total:,}")

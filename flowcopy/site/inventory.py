@@ -3,7 +3,9 @@
 A lab names one ESS array (box, LSSs, volumes), the farm's hosts, the VMs and their disks
 (raw device maps of one LUN, or virtual disks on a shared VMFS LUN), pools of spare
 target LUNs, and the guest workloads. `flowcopy/labs/default.yaml` is the seed's lab and
-documents the format. Every error says where: `file:line: path.inside.document: why`.
+documents the format. An array may also declare `space_pools: {name: capacity}` (space-
+efficient pools; a volume joins one with `space_pool: name`) and `lss_command_limit: N`
+(each LSS refuses copy-services commands beyond N in flight with LssBusy; unset: no limit). Every error says where: `file:line: path.inside.document: why`.
 
 `generate_lab(vms=..., lsses=...)` builds large labs for concurrency tests and benchmarks
 straight from plain data (no YAML), cheaply enough that 10,000 VMs load in seconds.
@@ -200,6 +202,10 @@ def _build(lab: object, where: _Where) -> tuple[Array, Farm, dict[str, Any], lis
     if len(arrays) != 1:
         raise LabError(f"{where(doc, 'arrays', 'arrays')}: a lab has exactly one array (ESS box), found {len(arrays)}")
     array, lsses = _build_array(arrays[0], where, "arrays[0]")
+    limit = arrays[0].get("lss_command_limit") if isinstance(arrays[0], Mapping) else None
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise LabError(f"{where(arrays[0], 'arrays[0].lss_command_limit', 'lss_command_limit')}: "
+                       f"expected a positive whole number of concurrent copy-services commands per LSS, got {limit!r}")
     capacity = {v.serial: v.capacity for v in array.volumes()}
 
     farm = Farm()
@@ -295,12 +301,15 @@ def _build(lab: object, where: _Where) -> tuple[Array, Farm, dict[str, Any], lis
         loads.append(_build_workload(spec, farm, capacity, where, path, seen))
 
     info = {"name": name, "description": description, "pools": pools, "lsses": lsses}
+    if limit is not None:
+        info["lss_command_limit"] = limit  # LocalSite reads it (and keeps it with its state)
     return array, farm, info, loads
 
 
 def _build_array(node: object, where: _Where, path: str) -> tuple[Array, list[str]]:
     arr = _mapping(node, where, path)
-    _keys(arr, {"name", "box", "model", "elb_timeout", "copy_rate", "lsses", "volumes"}, {"box"}, where, path)
+    _keys(arr, {"name", "box", "model", "elb_timeout", "copy_rate", "lsses", "volumes", "space_pools",
+                "lss_command_limit"}, {"box"}, where, path)
     box = _str(arr, "box", where, path)
     try:
         array = Array(
@@ -311,10 +320,20 @@ def _build_array(node: object, where: _Where, path: str) -> tuple[Array, list[st
     except SiteError as exc:
         raise LabError(f"{where(arr, path)}: {exc.message}") from None
     lsses = [str(x) for x in _list(arr.get("lsses"), where, f"{path}.lsses", arr, "lsses")]
+    se_pools = arr.get("space_pools") or {}
+    if not isinstance(se_pools, Mapping):
+        raise LabError(f"{where(arr, f'{path}.space_pools', 'space_pools')}: space_pools must map a pool name to its capacity")
+    for pool in se_pools:
+        ppath = f"{path}.space_pools.{pool}"
+        capacity = _size(se_pools, pool, where, ppath)
+        try:
+            array.add_space_pool(str(pool), capacity)
+        except SiteError as exc:
+            raise LabError(f"{where(se_pools, ppath, pool)}: {exc.message}") from None
     for i, vol in enumerate(_list(arr.get("volumes"), where, f"{path}.volumes", arr, "volumes")):
         vpath = f"{path}.volumes[{i}]"
         vol = _mapping(vol, where, vpath)
-        _keys(vol, {"serial", "capacity", "label", "lss", "online"}, {"serial", "capacity"}, where, vpath)
+        _keys(vol, {"serial", "capacity", "label", "lss", "online", "space_pool"}, {"serial", "capacity"}, where, vpath)
         serial = _str(vol, "serial", where, vpath)
         lss = str(vol.get("lss", serial[3:5]))
         if lsses and lss not in lsses:
@@ -324,7 +343,8 @@ def _build_array(node: object, where: _Where, path: str) -> tuple[Array, list[st
             raise LabError(f"{where(vol, f'{vpath}.capacity', 'capacity')}: capacity must be a positive multiple of 64 KiB, not {size}")
         try:
             array.add_volume(serial, lss=lss, capacity=size, label=None if vol.get("label") is None else str(vol["label"]),
-                             online=bool(vol.get("online", True)))
+                             online=bool(vol.get("online", True)),
+                             space_pool=None if vol.get("space_pool") is None else str(vol["space_pool"]))
         except SiteError as exc:
             raise LabError(f"{where(vol, vpath)}: {exc.message}") from None
     if not lsses:
@@ -356,7 +376,9 @@ def _map_luns(array: Array, farm: Farm, host_luns: str) -> None:
             array.map_lun(host, f"vmfs{n}", serial)
 
 
-_WL_KEYS = {"name", "kind", "vm", "disk", "log", "data", "seed", "interval", "pages", "autostart"}
+_WL_KEYS = {"name", "kind", "vm", "disk", "log", "data", "seed", "interval", "pages", "autostart",
+            "db", "journal", "mode", "write_latency"}
+_REAL_KEYS = {"sqlite": {"db", "journal", "mode", "write_latency"}, "ext4": {"disk", "journal", "write_latency"}}
 
 
 def _build_workload(spec: Mapping[str, Any], farm: Farm, capacity: Mapping[str, int], where: _Where, path: str, seen: set[str]) -> Any:
@@ -382,8 +404,39 @@ def _build_workload(spec: Mapping[str, Any], farm: Farm, capacity: Mapping[str, 
             raise LabError(f"{where(spec, f'{path}.{key}', key)}: {exc.message}") from None
         return info.serial
 
-    if kind == "filesystem":
-        _no(spec, {"log", "data", "pages"}, where, path, kind)
+    if kind in _REAL_KEYS:
+        _no(spec, (_WL_KEYS - {"name", "kind", "vm", "seed", "interval", "autostart"}) - _REAL_KEYS[kind], where, path, kind)
+        latency = spec.get("write_latency", 0.001)
+        if isinstance(latency, bool) or not isinstance(latency, (int, float)) or latency < 0:
+            raise LabError(f"{where(spec, f'{path}.write_latency', 'write_latency')}: expected zero or a positive number of seconds, got {latency!r}")
+        latency = float(latency)
+    if kind == "sqlite":
+        from flowcopy.site.apps.sqlite_app import JOURNALS, SqliteWorkload
+
+        db, journal = disk("db"), disk("journal")
+        if db == journal:
+            raise LabError(f"{where(spec, path)}: the SQLite database and its journal must be on two LUNs")
+        mode = _str(spec, "mode", where, path, "rollback")
+        if mode not in JOURNALS:
+            raise LabError(f"{where(spec, f'{path}.mode', 'mode')}: mode must be 'rollback' (journal) or 'wal', not {mode!r}")
+        load = SqliteWorkload(name=name, vm=vm, db_serial=db, journal_serial=journal, seed=seed, journal=mode,
+                              interval=_num(spec, "interval", where, path, 0.1), write_latency=latency)
+    elif kind == "ext4":
+        from flowcopy.site.apps.ext4_app import Ext4Workload
+
+        serial = disk("disk")
+        if capacity[serial] < 16 * 2**20:
+            raise LabError(f"{where(spec, f'{path}.disk', 'disk')}: LUN {serial} is too small for ext4 (needs 16 MiB)")
+        journal_lun = disk("journal") if "journal" in spec else None  # external journal device; else inode 8
+        if journal_lun == serial:
+            raise LabError(f"{where(spec, f'{path}.journal', 'journal')}: an external journal needs its own LUN, not the file system's")
+        if journal_lun is not None and capacity[journal_lun] < 4 * 2**20:
+            raise LabError(f"{where(spec, f'{path}.journal', 'journal')}: LUN {journal_lun} is too small for an ext4 journal (needs 4 MiB)")
+        load = Ext4Workload(name=name, vm=vm, serial=serial, seed=seed, size=capacity[serial], journal_serial=journal_lun,
+                            journal_size=capacity[journal_lun] if journal_lun else 0,
+                            interval=_num(spec, "interval", where, path, 1.0), write_latency=latency)
+    elif kind == "filesystem":
+        _no(spec, {"log", "data", "pages"} | _REAL_KEYS["sqlite"], where, path, kind)
         serial = disk("disk")
         if capacity[serial] < wl.FS_MIN_BYTES:
             raise LabError(f"{where(spec, f'{path}.disk', 'disk')}: LUN {serial} is too small for the file system (needs {wl.FS_MIN_BYTES} bytes)")
@@ -391,7 +444,7 @@ def _build_workload(spec: Mapping[str, Any], farm: Farm, capacity: Mapping[str, 
             name=name, vm=vm, serial=serial, seed=seed, interval=_num(spec, "interval", where, path, 1.0), label=name
         )
     elif kind == "database":
-        _no(spec, {"disk"}, where, path, kind)
+        _no(spec, {"disk"} | _REAL_KEYS["sqlite"], where, path, kind)
         log, data = disk("log"), disk("data")
         if log == data:
             raise LabError(f"{where(spec, path)}: the database's log and data must be two LUNs")
@@ -406,7 +459,7 @@ def _build_workload(spec: Mapping[str, Any], farm: Farm, capacity: Mapping[str, 
             interval=_num(spec, "interval", where, path, 0.1), pages=pages, capacity=cap,
         )
     else:
-        raise LabError(f"{where(spec, f'{path}.kind', 'kind')}: kind must be 'filesystem' or 'database', not {kind!r}")
+        raise LabError(f"{where(spec, f'{path}.kind', 'kind')}: kind must be 'filesystem', 'database', 'sqlite' or 'ext4', not {kind!r}")
     load.autostart = autostart
     return load
 
@@ -432,6 +485,8 @@ def generate_lab_spec(
     vmfs_every: int = 0,
     workloads: int = 0,
     labels: Callable[[int], Mapping[str, str]] | None = None,
+    real_apps: int = 0,
+    copy_rate: int = 8 << 30,
 ) -> dict[str, Any]:
     """A lab document for `vms` VMs over `lsses` LSSs (same shape as a lab YAML file).
 
@@ -439,8 +494,11 @@ def generate_lab_spec(
     spare LUNs labelled `<vm>-<disk>-T<k>`, listed in the pool `targets` and, per VM,
     `targets:<vm>`. Serials spread round-robin over LSSs `10..`; the volume part is hex,
     so an LSS holds 4096 volumes. `workloads` VMs (the first ones) get a database on
-    Disk1/Disk2 (needs disks_per_vm >= 2). `vmfs_every` > 0 gives every n-th VM a system
-    disk on a shared VMFS LUN.
+    Disk1/Disk2 (needs disks_per_vm >= 2). `real_apps` VMs after those run real software:
+    alternately a SQLite bank (main file Disk1, journal Disk2; rollback journal, then WAL)
+    and an ext4 file system on Disk1 with its journal on Disk2. `vmfs_every` > 0 gives every n-th VM a system disk
+    on a shared VMFS LUN. `copy_rate` is the array's background-copy bandwidth, shared by
+    all running copies (a fleet-sized box: 8 GiB/s, so 2,000 64 MiB copies take ~16 s).
     """
     if vms <= 0 or lsses <= 0 or disks_per_vm <= 0 or targets_per_disk < 0:
         raise ValueError("vms, lsses and disks_per_vm must be positive, targets_per_disk not negative")
@@ -497,11 +555,19 @@ def generate_lab_spec(
         if i < workloads and disks_per_vm >= 2:
             loads.append({"name": f"{name}-db", "kind": "database", "vm": name, "log": "Disk1",
                           "data": "Disk2", "seed": i, "interval": 0.5, "pages": 256, "autostart": True})
+        elif workloads <= i < workloads + real_apps and disks_per_vm >= 2:
+            j = i - workloads
+            if j % 2 == 0:
+                loads.append({"name": f"{name}-sqlite", "kind": "sqlite", "vm": name, "db": "Disk1", "journal": "Disk2",
+                              "mode": ("rollback", "wal")[(j // 2) % 2], "seed": i, "interval": 0.2, "autostart": True})
+            else:
+                loads.append({"name": f"{name}-ext4", "kind": "ext4", "vm": name, "disk": "Disk1", "journal": "Disk2", "seed": i,
+                              "interval": 1.0, "autostart": True})
     return {
         "lab": f"generated-{vms}",
         "description": f"{vms} VMs over {lsses} LSSs, {disks_per_vm} RDM disks each, {targets_per_disk} target(s) per disk",
         "host_luns": "own",
-        "arrays": [{"name": f"ess-{box}", "box": box, "lsses": lss_names, "volumes": volumes}],
+        "arrays": [{"name": f"ess-{box}", "box": box, "lsses": lss_names, "volumes": volumes, "copy_rate": copy_rate}],
         "pools": pools,
         "hosts": [{"name": h, "kind": "esx"} for h in host_names] + [{"name": "backup-proxy", "kind": "backup"}],
         "vms": vm_docs,
@@ -511,6 +577,6 @@ def generate_lab_spec(
 
 def generate_lab(vms: int, lsses: int, **kwargs: Any) -> Any:
     """A `LocalSite` with `vms` generated VMs (see `generate_lab_spec`); LocalSite kwargs pass through."""
-    spec_keys = {"disks_per_vm", "targets_per_disk", "hosts", "capacity", "box", "vmfs_every", "workloads", "labels"}
+    spec_keys = {"disks_per_vm", "targets_per_disk", "hosts", "capacity", "box", "vmfs_every", "workloads", "labels", "real_apps"}
     spec = generate_lab_spec(vms, lsses, **{k: v for k, v in kwargs.items() if k in spec_keys})
     return build_site(spec, source=f"<generated lab: {vms} VMs>", **{k: v for k, v in kwargs.items() if k not in spec_keys})

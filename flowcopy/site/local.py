@@ -11,6 +11,8 @@ replay it: `site.apply(component, method, kwargs)` on a site rebuilt with
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -19,7 +21,7 @@ from typing import Any
 import attrs
 import trio
 
-from flowcopy.site import checker
+from flowcopy.site import api, checker
 from flowcopy.site import workloads as wl
 from flowcopy.site.api import (
     BadRequest,
@@ -31,13 +33,17 @@ from flowcopy.site.api import (
     FreezeTicket,
     GuestStateError,
     HostDisk,
+    LssBusy,
     HostInfo,
     LssFreeze,
+    LssInfo,
     LssRelease,
     PowerState,
     QuiesceLevel,
     RelationshipInfo,
     SavedTask,
+    SourceHold,
+    SpacePool,
     ThawResult,
     UnknownDisk,
     UnknownHost,
@@ -46,6 +52,7 @@ from flowcopy.site.api import (
     VolumeInfo,
 )
 from flowcopy.site.esx import BLOCKING_LEVELS, Farm
+from flowcopy.site.fencing import FenceBook
 from flowcopy.site.ess import Array, ArrayService
 
 MutationHook = Callable[[str, str, dict[str, Any]], None]
@@ -62,6 +69,7 @@ class Latency:
     power_off: float = 1.0
     reboot: float = 2.0
     rescan: float = 0.05
+    copy_services: float = 0.0  # each copy-services command (establish, withdraw, unfreeze...)
 
     @classmethod
     def zero(cls) -> Latency:
@@ -82,14 +90,18 @@ class _Runner:
 class _Guest:
     """The `workloads.GuestIO` of one VM: writes through the array, waits inside the guest."""
 
-    def __init__(self, site: LocalSite, vm: str) -> None:
+    def __init__(self, site: LocalSite, vm: str, write_latency: float = 0.0) -> None:
         self.site = site
         self.vm = vm
+        self.write_latency = write_latency
 
     async def read(self, serial: str, offset: int, length: int) -> bytes:
         return await self.site.service.read(serial, offset, length)
 
     async def write(self, serial: str, offset: int, data: bytes) -> None:
+        """One guest write: it takes the modelled latency, then lands (unless the LSS holds it)."""
+        if self.write_latency > 0:
+            await self.site._sleep(self.write_latency)
         await self.site.service.write(serial, offset, data)
 
     async def mid_transaction(self) -> None:
@@ -103,6 +115,14 @@ class _Guest:
                 await site._guest_ready(self.vm)
             finally:
                 site._inflight[self.vm] += 1
+
+
+def _with_unusable(report: CheckReport, unusable: Sequence[VolumeInfo]) -> CheckReport:
+    """The array knows some images are not usable whatever their bytes say (fast reverse)."""
+    if not unusable:
+        return report
+    problems = tuple(f"{v.serial}: {v.unusable}" for v in unusable) + tuple(report.problems)
+    return attrs.evolve(report, consistent=False, problems=problems)
 
 
 class LocalSite:
@@ -119,13 +139,22 @@ class LocalSite:
         on_mutation: MutationHook | None = None,
         lab: Mapping[str, Any] | None = None,
         workloads: Iterable[Any] = (),
+        lss_command_limit: int | None = None,
     ) -> None:
         self.array = array if array is not None else Array()
+        if lss_command_limit is None and lab is not None:
+            lss_command_limit = lab.get("lss_command_limit")  # the lab's arrays[0].lss_command_limit
+        self.lss_command_limit = lss_command_limit  # None: an LSS takes any number at once
+        self._commands: dict[str, int] = {}  # copy-services commands in flight, per LSS
         self.farm = farm if farm is not None else Farm()
         self.clock: Callable[[], float] = clock if clock is not None else trio.current_time
         self.speed = float(speed)
         self.latency = latency if latency is not None else Latency()
         self.on_mutation = on_mutation
+        self.check_limiter: trio.CapacityLimiter | None = None
+        """Set (by a site served on the wall clock): `check` runs in worker threads, at most
+        this many at once, so a long check does not hold up every other call. Unset under a
+        MockClock, where a thread would let the clock autojump under the caller's feet."""
         self.lab: dict[str, Any] = {"name": "lab", "description": "", "pools": {}, "lsses": []}
         self.lab.update(dict(lab or {}))
         self.service = ArrayService(self.array, clock=self._now, speed=self.speed, on_mutation=self._array_mutation)
@@ -136,6 +165,10 @@ class LocalSite:
         self._nursery: trio.Nursery | None = None
         self._inflight: dict[str, int] = {}
         self._events: dict[str, trio.Event] = {}  # per VM: its guest state or in-flight count changed
+        # target serial -> what the application on its source had acknowledged at establish
+        self.points: dict[str, dict[str, Any]] = {}
+        self.fences = FenceBook(on_raise=self._fence_raised)
+        """Highest lease epoch seen per fence key: calls carrying an older one are refused."""
 
     # ------------------------------------------------------------------ plumbing
 
@@ -158,12 +191,55 @@ class LocalSite:
         self._changed(kwargs.get("vm"))
         return result
 
+    def _fence_raised(self, key: str, epoch: int, now: float) -> None:
+        if self.on_mutation is not None:
+            self.on_mutation("fence", "raise", {"key": key, "epoch": epoch, "now": now})
+
     def apply(self, component: str, method: str, kwargs: Mapping[str, Any]) -> Any:
         """Replay one reported mutation on the cores (persistence)."""
+        if component == "apps" and method in ("mark", "unmark"):
+            return getattr(self, f"_{method}")(**dict(kwargs))
+        if component == "fence" and method == "raise":
+            return self.fences.apply_raise(**dict(kwargs))
         target = {"array": self.array, "farm": self.farm}.get(component)
         if target is None:
             raise BadRequest(f"unknown site component {component!r}")
         return getattr(target, method)(**dict(kwargs))
+
+    # ------------------------------------------------------------------ points in time
+
+    def _mark(self, target: str, point: Mapping[str, Any] | None) -> None:
+        if point is None:
+            self.points.pop(target, None)
+        else:
+            self.points[target] = dict(point)
+
+    def _unmark(self, target: str) -> None:
+        self.points.pop(target, None)
+
+    def _record_points(self, rels: Iterable[RelationshipInfo]) -> None:
+        """At establish/resync: what each source's real application had acknowledged.
+
+        Called right after the array call returned (no checkpoint in between), so the
+        counter is the one of the instant of establish; a checker then knows how old an
+        image may at most be.
+        """
+        for rel in rels:
+            point = None
+            for load in self.workloads.values():
+                if rel.source in load.serials and hasattr(load, "point_in_time"):
+                    point = {"source": rel.source, "at": rel.synced, **load.point_in_time()}
+            if point is None and rel.target not in self.points:
+                continue
+            self._mark(rel.target, point)
+            if self.on_mutation is not None:
+                self.on_mutation("apps", "mark", {"target": rel.target, "point": point})
+
+    def _forget_point(self, serial: str) -> None:
+        if serial in self.points:
+            self._unmark(serial)
+            if self.on_mutation is not None:
+                self.on_mutation("apps", "unmark", {"target": serial})
 
     def _changed(self, vm: str | None) -> None:
         """Wake what waits on a VM's guest state (its workloads held, a quiesce draining)."""
@@ -207,6 +283,27 @@ class LocalSite:
         while self._inflight.get(vm, 0) > 0 and self.clock() < until:
             await self._wait_change(vm, until)
 
+    @asynccontextmanager
+    async def _copy_services(self, serials: Iterable[str] = (), lsses: Iterable[str] = ()) -> AsyncIterator[None]:
+        """One copy-services command on these volumes' LSSs: it takes `latency.copy_services`,
+        and an LSS already running `lss_command_limit` commands refuses it (LssBusy,
+        transient: the engine's per-LSS limiter and retries are what meet it)."""
+        names = sorted(set(lsses) | {self.array.volume(s).lss for s in serials})  # UnknownVolume first
+        limit = self.lss_command_limit
+        if limit is not None:
+            for lss in names:
+                if self._commands.get(lss, 0) >= limit:
+                    raise LssBusy(f"LSS {lss} is busy: {limit} copy-services commands in flight (its limit); retry",
+                                  lss=lss, limit=limit)
+        for lss in names:
+            self._commands[lss] = self._commands.get(lss, 0) + 1
+        try:
+            await self._sleep(self.latency.copy_services)
+            yield
+        finally:
+            for lss in names:
+                self._commands[lss] -= 1
+
     # ------------------------------------------------------------------ persistence
 
     def to_state(self) -> dict[str, Any]:
@@ -216,19 +313,24 @@ class LocalSite:
             "array": self.array.to_state(),
             "farm": self.farm.to_state(),
             "workloads": [load.spec() for load in self.workloads.values()],
+            "points": {k: dict(v) for k, v in self.points.items()},
+            "fences": self.fences.to_state(self.clock()),
         }
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any], **kwargs: Any) -> LocalSite:
         lab = dict(state.get("lab", {}))
         lab["pools"] = {k: tuple(v) for k, v in dict(lab.get("pools", {})).items()}
-        return cls(
+        site = cls(
             array=Array.from_state(state["array"]),
             farm=Farm.from_state(state["farm"]),
             lab=lab,
             workloads=[wl.from_spec(dict(spec)) for spec in state.get("workloads", [])],
             **kwargs,
         )
+        site.points = {k: dict(v) for k, v in dict(state.get("points", {})).items()}
+        site.fences.load(dict(state.get("fences", {})))
+        return site
 
     # ------------------------------------------------------------------ workloads
 
@@ -313,7 +415,7 @@ class LocalSite:
     async def _run_workload(self, runner: _Runner, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         load = runner.workload
         vm = load.vm
-        guest = _Guest(self, vm)
+        guest = _Guest(self, vm, float(getattr(load, "write_latency", 0.0)))
         boots: int | None = None
         try:
             with trio.CancelScope() as scope:
@@ -329,6 +431,13 @@ class LocalSite:
                         boots = machine.boots
                         await load.recover(self.service.read)
                         continue
+                    prepare = getattr(load, "prepare", None)
+                    if prepare is not None:
+                        # the application decides its next operation (runs its own programs)
+                        # before it counts as in flight; then the guest must still let it write
+                        await prepare()
+                        if self.farm.io_blocked(vm, now=self.clock()) is not None:
+                            continue
                     self._inflight[vm] = self._inflight.get(vm, 0) + 1
                     runner.in_op = True
                     try:
@@ -475,25 +584,52 @@ class LocalSite:
     # ------------------------------------------------------------------ FlashCopy
 
     async def establish(self, source: str, target: str, options: FlashOptions) -> RelationshipInfo:
-        return await self.service.establish(source, target, options)
+        async with self._copy_services([source, target]):
+            rel = await self.service.establish(source, target, options)
+        self._record_points([rel])
+        return rel
 
-    async def withdraw(self, source: str, target: str, *, after_copy: bool = False) -> None:
-        await self.service.withdraw(source, target, after_copy=after_copy)
+    async def withdraw(self, source: str, target: str, *, after_copy: bool = False,
+                       release_space: bool = False) -> None:
+        async with self._copy_services([source, target]):
+            await self.service.withdraw(source, target, after_copy=after_copy, release_space=release_space)
 
-    async def resync(self, source: str, target: str, *, freeze: bool = False, tag: str | None = None) -> RelationshipInfo:
-        return await self.service.resync(source, target, freeze=freeze, tag=tag)
+    async def resync(
+        self, source: str, target: str, *, freeze: bool = False, tag: str | None = None,
+        options: FlashOptions | None = None,
+    ) -> RelationshipInfo:
+        async with self._copy_services([source, target]):
+            rel = await self.service.resync(source, target, freeze=freeze, tag=tag, options=options)
+        self._record_points([rel])
+        return rel
 
-    async def reverse(self, source: str, target: str, *, tag: str | None = None) -> RelationshipInfo:
-        return await self.service.reverse(source, target, tag=tag)
+    async def reverse(self, source: str, target: str, *, tag: str | None = None, fast: bool = False) -> RelationshipInfo:
+        async with self._copy_services([source, target]):
+            rel = await self.service.reverse(source, target, tag=tag, fast=fast)
+        self._forget_point(source)  # the source now holds an older image than its application knew
+        return rel
 
     async def query(self, *, volume: str | None = None, tag: str | None = None) -> list[RelationshipInfo]:
         return await self.service.query(volume=volume, tag=tag)
 
     async def unfreeze(self, lsses: Sequence[str]) -> list[LssRelease]:
-        return await self.service.unfreeze(lsses)
+        async with self._copy_services(lsses=lsses):
+            return await self.service.unfreeze(lsses)
 
     async def frozen_lsses(self) -> list[LssFreeze]:
         return await self.service.frozen_lsses()
+
+    async def hold_history(self) -> list[SourceHold]:
+        return await self.service.hold_history()
+
+    async def list_lsses(self) -> list[LssInfo]:
+        return await self.service.list_lsses()
+
+    async def set_elb_timeout(self, lss: str, seconds: float) -> LssInfo:
+        return await self.service.set_elb_timeout(lss, seconds)
+
+    async def list_space_pools(self) -> list[SpacePool]:
+        return await self.service.list_space_pools()
 
     async def wait_copied(self, source: str, target: str) -> RelationshipInfo | None:
         return await self.service.wait_copied(source, target)
@@ -505,7 +641,9 @@ class LocalSite:
         return await self.service.tasks()
 
     async def execute_task(self, name: str, *, tag: str | None = None) -> list[RelationshipInfo]:
-        return await self.service.execute_task(name, tag=tag)
+        rels = await self.service.execute_task(name, tag=tag)
+        self._record_points(rels)
+        return rels
 
     # ------------------------------------------------------------------ data
 
@@ -524,13 +662,32 @@ class LocalSite:
         array = self.array
         return lambda serial, offset, length: array.read(serial, offset, length, now=at)
 
+    async def _check(self, serials: list[str]) -> CheckReport:
+        """Our checkers on the images as they are now; real applications' images also by
+        SQLite / e2fsck, on a copy taken now, in a worker thread (files and processes)."""
+        unusable = [v for v in (self.array.volume(s) for s in serials) if v.unusable]  # UnknownVolume first
+        read = self.read_at()
+        expect = {s: self.points[s] for s in serials if s in self.points}
+        if not any(checker.sniff(read, s) in checker.REAL_KINDS for s in serials):
+            if self.check_limiter is not None:  # a served site: checks never block its other calls
+                report = await trio.to_thread.run_sync(checker.check_images, read, serials, expect,
+                                                       limiter=self.check_limiter)
+            else:
+                report = checker.check_images(read, serials, expect)
+        else:
+            now = self.clock()
+            images = {s: [(e.offset, read(s, e.offset, e.length)) for e in self.array.extents(s, now=now)] for s in serials}
+            report = await trio.to_thread.run_sync(checker.check_images, checker.reader(images), serials, expect,
+                                                   limiter=self.check_limiter)
+        return _with_unusable(report, unusable)
+
     async def check(self, serials: Sequence[str]) -> CheckReport:
         await trio.lowlevel.checkpoint()
         if not serials:
             raise BadRequest("check needs at least one LUN serial")
         for serial in serials:
             self.array.volume(serial)  # UnknownVolume before any reading
-        return checker.check_images(self.read_at(), list(serials))
+        return await self._check(list(serials))
 
     async def mount_check(self, vm: str, disks: Sequence[str]) -> CheckReport:
         """Rescan on `vm` (or on a backup host: disks are serials), mount the images, check.
@@ -562,4 +719,40 @@ class LocalSite:
                     )
                 serials.append(info.serial)
             await self.rescan(vm)
-        return checker.check_images(self.read_at(), serials)
+        return await self._check(serials)
+
+
+def _admitted(name: str) -> Callable[..., Any]:
+    """`LocalSite.<name>`, admitted by the site's fence book when the call carries a fence
+    (`api.fenced`): checked as the call enters the site, before it touches anything."""
+    inner = getattr(LocalSite, name)
+
+    @functools.wraps(inner)
+    async def method(self: LocalSite, *args: Any, **kwargs: Any) -> Any:
+        fences = api.current_fences()
+        if not fences:
+            return await inner(self, *args, **kwargs)
+        counted = name not in READS
+        await self.fences.enter(fences, name, self.clock(), counted=counted)
+        try:
+            return await inner(self, *args, **kwargs)
+        finally:
+            if counted:
+                self.fences.leave(fences)
+
+    return method
+
+
+READS = frozenset({"list_hosts", "list_vms", "get_vm", "lun_of", "list_disks", "list_volumes", "list_pools",
+                   "get_volume", "freeze_status", "query", "frozen_lsses", "hold_history", "list_lsses",
+                   "list_tasks", "read", "extents", "check", "wait_copied"})
+"""Calls that change nothing: admitted (or refused) by their fence, but never waited for."""
+
+
+FENCED_METHODS: tuple[str, ...] = tuple(n for n in (*vars(api.Site), "rescan", "wait_copied", "vmotion")
+                                        if n != "now" and inspect.iscoroutinefunction(getattr(LocalSite, n, None)))
+"""Every site call an engine makes for a unit, reads included: a new holder's first
+reconciling read raises the mark, so nothing stale lands after what it saw."""
+
+for _name in FENCED_METHODS:
+    setattr(LocalSite, _name, _admitted(_name))

@@ -37,8 +37,8 @@ from typing import Any
 
 import attrs
 import trio
-import trio.testing
 
+from flowcopy.clock import on_mock_clock
 from flowcopy.logs import get_logger
 from flowcopy.site import api, codec
 
@@ -134,7 +134,7 @@ class SiteClock:
 
 def default_clock_kind() -> str:
     """`trio` under a MockClock (tests), else `wall`."""
-    return "trio" if isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock) else "wall"
+    return "trio" if on_mock_clock() else "wall"
 
 
 # --------------------------------------------------------------------------- the store
@@ -154,6 +154,19 @@ class StateStore:
 
     def __init__(self, path: Path, *, fsync: bool = True) -> None:
         self.path = path
+        try:
+            # the state holds guest data: owner only. SQLite gives its -wal and -shm files the
+            # main file's mode, so creating that one 0600 covers all three
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                os.fchmod(fd, 0o600)  # a state file written 0644 by an older flowcopy is closed up too
+            finally:
+                os.close(fd)
+            for extra in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                if extra.exists():
+                    os.chmod(extra, 0o600)
+        except OSError as exc:
+            raise StateError(f"{path}: cannot create the site state: {exc.strerror}") from None
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             # before the first table: lets a compaction hand freed pages back to the file system
@@ -460,7 +473,8 @@ class _StateLock:
         import fcntl
 
         self.path = state_dir / "lock"
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.fchmod(self._fd, 0o600)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -538,14 +552,14 @@ async def open_site(
     kind = clock or default_clock_kind()
     if kind not in ("wall", "trio"):
         raise api.BadRequest(f"clock must be 'wall' or 'trio', not {kind!r}")
-    mocked = isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
+    mocked = on_mock_clock()
     if threaded is None:
         threaded = not mocked
     if fsync is None:
         fsync = not mocked
     state_dir = Path(state_dir)
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise StateError(f"{state_dir}: cannot create the site state folder: {exc.strerror}") from None
     lock = _StateLock(state_dir)

@@ -16,6 +16,7 @@ a generic client can act on (404 unknown object, 409 conflict with the object's 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import os
 import secrets
@@ -29,18 +30,27 @@ import attrs
 import trio
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from flowcopy.logs import get_logger
 from flowcopy.site import api, codec
 from flowcopy.site.client import read_token
 from flowcopy.site.faults import FaultPlan, FaultySite
+from flowcopy.site.fencing import HEADER as FENCE_HEADER, parse_header
 
 log = get_logger(__name__)
 
 API = "/api/v1"
 MAX_BODY = 256 * 1024 * 1024  # a write of up to 256 MiB in one request
+DEFAULT_MAX_READ = 64 * 1024 * 1024
+"""Longest volume read one request may ask for (`flowcopy site serve --max-read`)."""
+READ_CHUNK = 4 * 1024 * 1024
+"""Reads longer than this are streamed in pieces of this size: memory stays flat."""
+MAX_CHECK_SERIALS = 16_384
+"""LUNs one `POST /check` may name (an ESS has at most 65,280 volumes; a backup checks a few)."""
+CHECK_THREADS = 2
+"""Checks run in worker threads, at most this many at once, so the site keeps answering."""
 
 STATUS_BY_KIND: Mapping[str, int] = {
     "unknown_volume": 404,
@@ -58,6 +68,10 @@ STATUS_BY_KIND: Mapping[str, int] = {
     "write_inhibited": 409,
     "guest_state": 409,
     "background_copy_running": 409,
+    "stale_fence": 409,
+    "space_efficient_refused": 409,
+    "relationship_failed": 409,
+    "pool_full": 507,
     "size_mismatch": 422,
     "not_raw_mapped": 422,
     "out_of_range": 422,
@@ -97,16 +111,21 @@ def _jsonable(value: Any) -> Any:
 # --------------------------------------------------------------------------- request parsing
 
 
+def _json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else {}
+    except ValueError as exc:
+        raise api.BadRequest(f"bad request body: not JSON ({exc})") from None
+    except RecursionError:
+        raise api.BadRequest("bad request body: JSON nested too deeply") from None
+
+
 async def _body(request: Request, cls: type[Any]) -> Any:
-    raw = await request.body()
-    if not raw:
-        data: Any = {}
-    else:
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise api.BadRequest(f"bad request body: not JSON ({exc})") from None
-    return codec.structure(data, cls)
+    data = _json(await request.body())
+    try:
+        return codec.structure(data, cls)
+    except RecursionError:
+        raise api.BadRequest("bad request body: JSON nested too deeply") from None
 
 
 def _int_param(request: Request, name: str, *, minimum: int = 0) -> int:
@@ -157,21 +176,31 @@ def _labels(request: Request) -> dict[str, str] | None:
 Handler = Callable[[Request], Awaitable[Any]]
 
 
-def build_app(site: api.Site, *, token: str, faults: FaultySite | None = None) -> Callable[..., Awaitable[None]]:
+def build_app(
+    site: api.Site, *, token: str, faults: FaultySite | None = None, max_read: int = DEFAULT_MAX_READ
+) -> Callable[..., Awaitable[None]]:
     """The ASGI app serving `site`, guarded by the bearer `token`.
 
     `faults` (usually `site` itself) makes `/api/v1/faults` steer its fault plan.
+    `max_read`: the longest read one request may ask for (longer: 400, read in pieces).
     """
 
     def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def run(request: Request) -> Response:
             try:
-                result = await handler(request)
+                raw = request.headers.get(FENCE_HEADER)
+                try:
+                    fences = parse_header(raw) if raw is not None else ()
+                except ValueError as exc:
+                    raise api.BadRequest(str(exc)) from None
+                with api.fence_scope(*fences):  # the site admits (or refuses) the call by them
+                    result = await handler(request)
             except api.SiteError as exc:
                 return error_response(exc)
             except Exception as exc:  # noqa: BLE001 - a bug in the site must not look like a lost connection
                 log.exception("site request failed", method=request.method, path=request.url.path)
-                return error_response(api.SiteError(f"internal error in the site: {exc!r}"))
+                # the details (traceback) are in the site's log, not in the reply to a client
+                return error_response(api.SiteError(f"internal error in the site ({type(exc).__name__}); see the site's log"))
             if isinstance(result, Response):
                 return result
             return Response(codec.dumps(result), media_type="application/json")
@@ -180,6 +209,12 @@ def build_app(site: api.Site, *, token: str, faults: FaultySite | None = None) -
 
     async def time_(request: Request) -> Any:
         return {"now": await site.now()}
+
+    async def fences(request: Request) -> Any:
+        book = getattr(getattr(site, "local", site), "fences", None)
+        if book is None:
+            raise api.BadRequest("this site keeps no fence marks")
+        return {"keys": len(book.marks), "admitted": book.admitted, "refused": book.refused}
 
     async def volumes(request: Request) -> Any:
         return await site.list_volumes()
@@ -191,10 +226,28 @@ def build_app(site: api.Site, *, token: str, faults: FaultySite | None = None) -
         return await site.get_volume(request.path_params["serial"])
 
     async def read(request: Request) -> Any:
-        data = await site.read(
-            request.path_params["serial"], _int_param(request, "offset"), _int_param(request, "length")
-        )
-        return Response(data, media_type="application/octet-stream")
+        serial, offset, length = request.path_params["serial"], _int_param(request, "offset"), _int_param(request, "length")
+        if length > max_read:
+            raise api.BadRequest(
+                f"a read of {length} bytes is longer than this site's limit of {max_read} bytes per request; "
+                "read in pieces", length=length, limit=max_read,
+            )
+        # the first piece is read before answering: an unknown volume or a bad range is a JSON error
+        first = await site.read(serial, offset, min(length, READ_CHUNK))
+        if length <= READ_CHUNK:
+            return Response(first, media_type="application/octet-stream")
+
+        async def pieces() -> Any:
+            yield first
+            position = offset + len(first)
+            while position < offset + length:
+                n = min(READ_CHUNK, offset + length - position)
+                yield await site.read(serial, position, n)
+                position += n
+
+        # a piece that fails after the headers went out cuts the body short of Content-Length
+        return StreamingResponse(pieces(), media_type="application/octet-stream",
+                                 headers={"Content-Length": str(length)})
 
     async def write(request: Request) -> Any:
         offset = _int_param(request, "offset")
@@ -222,21 +275,35 @@ def build_app(site: api.Site, *, token: str, faults: FaultySite | None = None) -
                     f"no FlashCopy relationship {source} -> {target}", source=source, target=target
                 )
             return found[0]
-        await site.withdraw(source, target, after_copy=_bool_param(request, "after_copy"))
+        release = {"release_space": True} if _bool_param(request, "release_space") else {}
+        await site.withdraw(source, target, after_copy=_bool_param(request, "after_copy"), **release)
         return {"withdrawn": f"{source}:{target}"}
 
     async def resync(request: Request) -> Any:
         source, target = _pair(request)
         body = await _body(request, codec.ResyncRequest)
-        return await site.resync(source, target, freeze=body.freeze, tag=body.tag)
+        return await site.resync(source, target, freeze=body.freeze, tag=body.tag, options=body.options)
 
     async def reverse(request: Request) -> Any:
         source, target = _pair(request)
         body = await _body(request, codec.ReverseRequest)
-        return await site.reverse(source, target, tag=body.tag)
+        return await site.reverse(source, target, tag=body.tag, fast=body.fast)
 
     async def consistency_groups(request: Request) -> Any:
         return await site.frozen_lsses()
+
+    async def holds(request: Request) -> Any:
+        return await site.hold_history()
+
+    async def lsses(request: Request) -> Any:
+        return await site.list_lsses()
+
+    async def space_pools(request: Request) -> Any:
+        return await site.list_space_pools()
+
+    async def lss(request: Request) -> Any:
+        body = await _body(request, codec.ElbTimeoutRequest)
+        return await site.set_elb_timeout(request.path_params["lss"], body.seconds)
 
     async def unfreeze(request: Request) -> Any:
         body = await _body(request, codec.UnfreezeRequest)
@@ -300,6 +367,10 @@ def build_app(site: api.Site, *, token: str, faults: FaultySite | None = None) -
 
     async def check(request: Request) -> Any:
         body = await _body(request, codec.CheckRequest)
+        if len(body.serials) > MAX_CHECK_SERIALS:
+            raise api.BadRequest(
+                f"a check names at most {MAX_CHECK_SERIALS} LUNs, this one {len(body.serials)}; check in batches"
+            )
         return await site.check(list(body.serials))
 
     async def mount_check(request: Request) -> Any:
@@ -310,12 +381,11 @@ def build_app(site: api.Site, *, token: str, faults: FaultySite | None = None) -
         if faults is None:
             raise api.BadRequest("this site has no fault injection")
         if request.method == "POST":
-            raw = await request.body()
+            data = _json(await request.body())
             try:
-                data = json.loads(raw) if raw else {}
-            except ValueError as exc:
-                raise api.BadRequest(f"bad request body: not JSON ({exc})") from None
-            plan = codec.structure(data, FaultPlan).validate()
+                plan = codec.structure(data, FaultPlan).validate()
+            except RecursionError:
+                raise api.BadRequest("bad request body: JSON nested too deeply") from None
             if _bool_param(request, "absolute"):
                 faults.set_plan(plan)
             else:
@@ -331,6 +401,7 @@ def build_app(site: api.Site, *, token: str, faults: FaultySite | None = None) -
     r = API
     routes = [
         Route(f"{r}/time", endpoint(time_), methods=["GET"]),
+        Route(f"{r}/fences", endpoint(fences), methods=["GET"]),
         Route(f"{r}/volumes", endpoint(volumes), methods=["GET"]),
         Route(f"{r}/pools", endpoint(pools), methods=["GET"]),
         Route(f"{r}/volumes/{{serial}}", endpoint(volume), methods=["GET"]),
@@ -343,6 +414,10 @@ def build_app(site: api.Site, *, token: str, faults: FaultySite | None = None) -
         Route(f"{r}/flashcopies/{{pair}}/reverse", endpoint(reverse), methods=["POST"]),
         Route(f"{r}/consistency-groups", endpoint(consistency_groups), methods=["GET"]),
         Route(f"{r}/consistency-groups/unfreeze", endpoint(unfreeze), methods=["POST"]),
+        Route(f"{r}/consistency-groups/holds", endpoint(holds), methods=["GET"]),
+        Route(f"{r}/lsses", endpoint(lsses), methods=["GET"]),
+        Route(f"{r}/space-pools", endpoint(space_pools), methods=["GET"]),
+        Route(f"{r}/lsses/{{lss}}", endpoint(lss), methods=["POST"]),
         Route(f"{r}/consistency-groups/{{lss}}/unfreeze", endpoint(unfreeze_one), methods=["POST"]),
         Route(f"{r}/tasks", endpoint(tasks), methods=["GET", "POST"]),
         Route(f"{r}/tasks/{{name}}/execute", endpoint(execute_task), methods=["POST"]),
@@ -382,13 +457,17 @@ class _Empty:
 
 
 class BearerAuth:
-    """Pure ASGI guard: every HTTP request carries `Authorization: Bearer <token>` or gets 401."""
+    """Pure ASGI guard: every HTTP request carries `Authorization: Bearer <token>` or gets 401.
+
+    The scheme is matched case-insensitively (RFC 6750 / RFC 9110: `bearer x` is the
+    same credential as `Bearer x`); the token itself exactly, in constant time.
+    """
 
     def __init__(self, app: Callable[..., Awaitable[None]], token: str) -> None:
         if not token:
             raise ValueError("the site's bearer token must not be empty")
         self.app = app
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -397,7 +476,8 @@ class BearerAuth:
                 if key == b"authorization":
                     header = value
                     break
-            if not hmac.compare_digest(header, self._expected):
+            scheme, _, credentials = header.strip().partition(b" ")
+            if not (scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(b" "), self._expected)):
                 message = "missing bearer token" if not header else "wrong bearer token"
                 response = JSONResponse(
                     {"kind": "unauthorized", "message": message, "details": {}},
@@ -412,11 +492,42 @@ class BearerAuth:
 # --------------------------------------------------------------------------- serving
 
 
-def hypercorn_config(host: str, port: int) -> Any:
+def is_loopback(host: str) -> bool:
+    """Whether `host` only listens on this machine (names other than localhost are not trusted to)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class InsecureBind(Exception):
+    """A non-loopback address without TLS: the bearer token would cross the network in clear."""
+
+
+def check_bind(host: str, certfile: str | Path | None, keyfile: str | Path | None) -> None:
+    if (certfile is None) != (keyfile is None):
+        raise InsecureBind("TLS needs both --certfile and --keyfile")
+    for name, path in (("--certfile", certfile), ("--keyfile", keyfile)):
+        if path is not None and not Path(path).is_file():
+            raise InsecureBind(f"{name} {path}: no such file")
+    if certfile is None and not is_loopback(host):
+        raise InsecureBind(
+            f"refusing to serve on {host} over plain HTTP: the bearer token would cross the network in clear; "
+            "give --certfile and --keyfile to serve HTTPS, or listen on 127.0.0.1"
+        )
+
+
+def hypercorn_config(
+    host: str, port: int, *, certfile: str | Path | None = None, keyfile: str | Path | None = None
+) -> Any:
     from hypercorn.config import Config
 
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    if certfile is not None and keyfile is not None:
+        config.certfile, config.keyfile = str(certfile), str(keyfile)
     config.accesslog = None
     config.loglevel = "WARNING"
     config.graceful_timeout = 2.0
@@ -430,12 +541,18 @@ async def serve_app(
     host: str = "127.0.0.1",
     port: int = 0,
     shutdown: trio.Event | None = None,
+    certfile: str | Path | None = None,
+    keyfile: str | Path | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `app` until `shutdown` is set (or cancelled); `task_status.started(url)`."""
+    """Serve `app` until `shutdown` is set (or cancelled); `task_status.started(url)`.
+
+    With `certfile`/`keyfile` it serves HTTPS (hypercorn's TLS); without, only on loopback.
+    """
     from hypercorn.trio import serve
 
-    config = hypercorn_config(host, port)
+    check_bind(host, certfile, keyfile)
+    config = hypercorn_config(host, port, certfile=certfile, keyfile=keyfile)
     trigger = shutdown.wait if shutdown is not None else None
 
     class _Status:
@@ -469,21 +586,27 @@ async def serve_state(
     token_file: str | Path | None = None,
     speed: float = 1.0,
     out: TextIO | None = None,
+    certfile: str | Path | None = None,
+    keyfile: str | Path | None = None,
+    max_read: int = DEFAULT_MAX_READ,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """`flowcopy site serve`: the durable site in `state_dir`, served until SIGTERM/SIGINT."""
     from flowcopy.site.persist import open_site
 
+    check_bind(host, certfile, keyfile)  # before anything is created
     out = out if out is not None else sys.stdout
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     token, token_path, created = ensure_token(state_dir, token_file)
     async with open_site(state_dir, lab=lab, speed=speed, clock="wall") as site:
-        app = build_app(site, token=token, faults=site.faults)
+        site.local.check_limiter = trio.CapacityLimiter(CHECK_THREADS)  # checks off the event loop
+        app = build_app(site, token=token, faults=site.faults, max_read=max_read)
         shutdown = trio.Event()
         async with trio.open_nursery() as nursery:
 
             async def server(task_status: trio.TaskStatus[str]) -> None:
-                await serve_app(app, host=host, port=port, shutdown=shutdown, task_status=task_status)
+                await serve_app(app, host=host, port=port, shutdown=shutdown, certfile=certfile, keyfile=keyfile,
+                                task_status=task_status)
                 nursery.cancel_scope.cancel()  # served out: stop the signal watcher too
 
             url = await nursery.start(server)

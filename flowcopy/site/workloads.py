@@ -55,7 +55,7 @@ import random
 import struct
 import zlib
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 
@@ -274,7 +274,9 @@ def log_capacity(log_bytes: int) -> int:
 class GuestIO(Protocol):
     """What a workload may do inside its guest (implemented by the site shell).
 
-    `write` waits while the array holds the LSS (extended long busy); `mid_transaction`
+    `write` takes the workload's modelled per-write latency (`write_latency`, site
+    seconds; the data lands when it ends) and waits while the array holds the LSS
+    (extended long busy); `mid_transaction`
     waits while the guest's file system is frozen (a database's next write is held by
     the frozen file system, even mid-transaction). Operations are bracketed by the shell,
     which holds new ones while the guest is quiesced or off and lets a quiesce wait for
@@ -510,12 +512,20 @@ class DatabaseWorkload:
                 "interval": self.interval, "transactions": self.seq, "pages": self.pages}
 
 
-def from_spec(spec: dict[str, object]) -> FilesystemWorkload | DatabaseWorkload:
-    """Rebuild a workload from `spec()` plain data."""
+def from_spec(spec: dict[str, object]) -> Any:
+    """Rebuild a workload from `spec()` plain data (real applications imported on demand)."""
     data = dict(spec)
     kind = data.pop("kind")
     if kind == "filesystem":
         return FilesystemWorkload(**data)  # type: ignore[arg-type]
     if kind == "database":
         return DatabaseWorkload(**data)  # type: ignore[arg-type]
+    if kind == "sqlite":
+        from flowcopy.site.apps.sqlite_app import SqliteWorkload
+
+        return SqliteWorkload(**data)  # type: ignore[arg-type]
+    if kind == "ext4":
+        from flowcopy.site.apps.ext4_app import Ext4Workload
+
+        return Ext4Workload(**data)  # type: ignore[arg-type]
     raise ValueError(f"unknown workload kind {kind!r}")
