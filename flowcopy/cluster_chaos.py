@@ -163,7 +163,7 @@ async def run_cluster_chaos(
     procs: list[subprocess.Popen[bytes]] = []
     logs: list[Path] = []
     killed = stopped = None
-    stopped_for = run_seconds = 0.0
+    stopped_for = run_seconds = stopped_at = 0.0
     cpu: dict[str, float] = {}
     kill_at: float | None = None
     held_by_stopped: set[str] = set()
@@ -290,8 +290,11 @@ async def run_cluster_chaos(
         by_unit.setdefault(event.unit_id, []).append(event)
     for unit_id, evs in by_unit.items():
         pids = [pid_of(e.engine) for e in evs]
-        if stopped is not None and unit_id in held_by_stopped and stopped in pids:
-            first_other = next((i for i, p in enumerate(pids) if p != stopped and i > pids.index(stopped)), None)
+        if stopped is not None and unit_id in held_by_stopped:
+            # taken over: another engine wrote of it after the pause began (the stopped one
+            # may have claimed it without writing any event of it yet)
+            first_other = next((i for i, (p, e) in enumerate(zip(pids, evs))
+                                if p != stopped and e.time > stopped_at), None)
             if first_other is not None:
                 taken += 1
                 after += sum(1 for p in pids[first_other:] if p == stopped)
