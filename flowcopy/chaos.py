@@ -412,10 +412,19 @@ async def run_chaos(
         result: dict[str, tuple[int, int, int, str]] = {}
 
         async def engines(cancel: trio.CancelScope) -> None:
-            result["loop"] = await kill_loop(
-                [*flowcopy, "run", str(workflow), *common], [*flowcopy, "resume", *common],
-                store=store, kills=kills, min_delay=min_delay, max_delay=max_delay, seed=seed,
+            argv = ([*flowcopy, "run", str(workflow), *common], [*flowcopy, "resume", *common])
+            done, processes, code, output = await kill_loop(
+                *argv, store=store, kills=kills, min_delay=min_delay, max_delay=max_delay, seed=seed,
             )
+            # like kills, `--site-restarts N` means N restarts: a run that ends before they
+            # are spent (a fast machine) is followed by another (bounded)
+            for _ in range(3 * site_restarts):
+                if restarted >= site_restarts or code != 0:
+                    break
+                again = await trio.run_process(argv[0], capture_stdout=True, capture_stderr=True, check=False)
+                processes += 1
+                code, output = again.returncode, again.stdout.decode() + again.stderr.decode()[-3000:]
+            result["loop"] = (done, processes, code, output)
             cancel.cancel()
 
         async def restarts() -> None:

@@ -433,7 +433,7 @@ def demo(store: Path | None, speed: float) -> None:
 @click.option("--min-delay", type=float, default=0.5, show_default=True, help="Shortest life of an engine before its SIGKILL (s).")
 @click.option("--max-delay", type=float, default=2.0, show_default=True, help="Longest life of an engine before its SIGKILL (s).")
 @click.option("--site-restarts", type=int, default=0, show_default=True,
-              help="SIGKILLs + restarts of the served site process, each while a run is in flight.")
+              help="SIGKILLs + restarts of the served site process, each while a run is in flight (runs follow one another until all are done).")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Work folder (site state, store); default: a temporary folder.")
 @_json_option("the report (one object)")
