@@ -341,7 +341,8 @@ def sniff(read: Read, serial: str) -> str:
         return "sqlite-file"
     if ext4_check.is_ext(read, serial):
         return "ext4"
-    if not any(read(serial, 0, BLOCK)):
+    first = read(serial, 0, BLOCK)
+    if first.count(0) == len(first):  # all zero (C speed; any() walks the block byte by byte)
         return "empty"
     return "unknown"
 
