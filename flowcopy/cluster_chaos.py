@@ -214,27 +214,24 @@ async def run_cluster_chaos(
                     killed, kill_at = victim.pid, time.time()
             # without a kill first, pause early (10 % done): the units are claimed ahead of
             # their completions, so most are held then; after a kill, once its take-over began
-            stop_at = total * (0.35 if kill else 0.1)
+            # (a fast machine runs 30 units from 35 % to 80 % between two looks: pause at once after the kill)
+            stop_at = (0 if killed is not None else total + 1) if kill else total * 0.1
             holders = _holders(store) if stop and stopped is None and engines > 1 and done >= stop_at else {}
             live = [p for p in procs if p.poll() is None and p.pid != killed]
             # the engine to pause is a live one holding units right now (the most), so its
             # take-over and fencing are exercised; none holding any yet: look again shortly
             candidates = [p for p in live if holders.get(p.pid, 0) > 0]
-            if not candidates and stop and stopped is None and done >= total * 0.8:
-                candidates = live[-1:]  # the run is nearly done: pause one anyway, the report says it held nothing
             if stop and stopped is None and engines > 1 and done >= stop_at and candidates:
                 victim = max(candidates, key=lambda p: holders.get(p.pid, 0))
                 victim.send_signal(signal.SIGSTOP)
                 with Journal.open(store, lock=False) as journal:
                     held_by_stopped = {lease_row.unit_id for lease_row in journal.leases() if lease_row.pid == victim.pid}
-                if not held_by_stopped and done < total * 0.8:
+                if not held_by_stopped:
                     # its units ended between the look and the signal: wake it, look again
                     victim.send_signal(signal.SIGCONT)
                     await trio.sleep(0.1)
                     continue
                 stopped = victim.pid
-                if not held_by_stopped:
-                    problems.append(f"the stopped engine held no unit when stopped (holders: {holders})")
                 t0, stopped_at = time.monotonic(), time.time()
                 await trio.sleep(stop_for * lease)
                 # wake it once the others have moved each of its units on (bounded): the
@@ -243,6 +240,8 @@ async def run_cluster_chaos(
                 victim.send_signal(signal.SIGCONT)
                 stopped_for = time.monotonic() - t0
             await trio.sleep(0.2)
+        if stop and engines > 1 and stopped is None:
+            problems.append("no live engine was seen holding a unit to pause before the run ended")
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

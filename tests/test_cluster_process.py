@@ -43,7 +43,7 @@ def _assert_cluster(report: ClusterReport) -> None:
 
 @pytest.mark.process
 def test_three_engines_one_killed_one_paused_short(pg_url: str, tmp_path: Path) -> None:
-    report = trio.run(lambda: run_cluster_chaos(tmp_path, pg_url, vms=30, engines=3, lease=4.0, stop_for=1.6))
+    report = trio.run(lambda: run_cluster_chaos(tmp_path, pg_url, vms=60, engines=3, lease=4.0, stop_for=1.6))
     _assert_cluster(report)
 
 
