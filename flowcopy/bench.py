@@ -244,6 +244,41 @@ class _Reconciled:
         self.at.setdefault(unit_id, time.time())
 
 
+async def crash_when_copying(store: Path, site: Any, copying: int, *, units: int, poll: float) -> str:
+    """Drive a new run of the bench workflow until `copying` units journaled their copy
+    intent, then crash the engine there (the crash hook refuses that move); returns the
+    run. Units then stand in every state from pending to copying."""
+    from flowcopy import definitions, planning
+    from flowcopy.engine import Engine, Limits
+
+    wf = definitions.load_text(BENCH_WORKFLOW, "bench.yaml")
+    journal = Journal.open(store)
+    seen = 0
+
+    def hook(move: Move) -> None:
+        nonlocal seen
+        if move.event == "copy":
+            seen += 1
+            if seen >= copying:
+                raise SimulatedCrash(f"benchmark: {seen} units are copying")
+
+    run_id = ""
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(journal.run_writer)
+            journal.crash_hook = hook
+            engine = Engine(journal, site, store=store, limits=Limits(units=units), poll=poll)
+            specs = await planning.plan_units(wf, site)
+            run_id = await engine.begin_run(wf.name, planning.definition_data(wf), specs)
+            await engine.drive_run(run_id)
+    except BaseException as exc:  # noqa: BLE001 - the crash arrives in exception groups
+        if not is_crash(exc):
+            raise
+    finally:
+        journal.close()
+    return run_id
+
+
 async def _recovery(store: Path, vms: int, *, all_in_flight: bool = False) -> dict[str, Any]:
     """Crash the engine while units are in flight, then time a new engine's reconciliation.
 
@@ -261,36 +296,12 @@ async def _recovery(store: Path, vms: int, *, all_in_flight: bool = False) -> di
     LUNs hold no data finishes its copy at once, so some have succeeded by then); the
     resume is timed until each one has reconciled, then stopped.
     """
-    from flowcopy import definitions, planning
     from flowcopy.engine import Engine, Limits
 
     site = _bench_site(vms, capacity=(16 << 30) if all_in_flight else (64 << 20))
-    wf = definitions.load_text(BENCH_WORKFLOW, "bench.yaml")
     crash_at = vms if all_in_flight else max(1, vms // 2)
     async with site.running():
-        journal = Journal.open(store)
-        copying = 0
-
-        def hook(move: Move) -> None:
-            nonlocal copying
-            if move.event == "copy":
-                copying += 1
-                if copying >= crash_at:
-                    raise SimulatedCrash(f"benchmark: {copying} units are copying")
-
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(journal.run_writer)
-                journal.crash_hook = hook
-                engine = Engine(journal, site, store=store, limits=Limits(units=vms), poll=0.05)
-                specs = await planning.plan_units(wf, site)
-                run_id = await engine.begin_run(wf.name, planning.definition_data(wf), specs)
-                await engine.drive_run(run_id)
-        except BaseException as exc:  # noqa: BLE001 - the crash arrives in exception groups
-            if not is_crash(exc):
-                raise
-        finally:
-            journal.close()
+        run_id = await crash_when_copying(store, site, crash_at, units=vms, poll=0.05)
         at_crash = {row.unit_id: row.state for row in Journal.open(store, lock=False).unfinished_units()}
         in_flight = len(at_crash)
         acting_ids = {u for u, state in at_crash.items() if state not in ("pending", "prepared")}

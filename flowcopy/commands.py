@@ -385,22 +385,33 @@ def _paused(store: Path) -> tuple[frozenset[str], str | None]:
         return frozenset(), str(exc)
 
 
-def history(store: Path, run_id: str, *, as_json: bool) -> int:
-    from flowcopy import views
+def _read_run(store: Path, run_id: str, read: Callable[[Journal], Any]) -> tuple[Any, int | None]:
+    """`read(journal)` on the read-only view, once `run_id` is known to be there; the
+    journal is closed before anything is printed. Returns (what it read, None) or
+    (None, the exit code of the one-line refusal)."""
     from flowcopy.journal import JournalError
 
     journal = _read_journal(store)
     if isinstance(journal, int):
-        return journal
+        return None, journal
     try:
         if (refused := _check_run(journal, store, run_id)) is not None:
-            return refused
-        events = journal.events(run_id=run_id)
-        vms = {u.unit_id: views.unit_vms(u) for u in journal.units(run_id)}
+            return None, refused
+        return read(journal), None
     except JournalError as exc:
-        return _err(str(exc))
+        return None, _err(str(exc))
     finally:
         journal.close()
+
+
+def history(store: Path, run_id: str, *, as_json: bool) -> int:
+    from flowcopy import views
+
+    read, refused = _read_run(store, run_id, lambda journal: (
+        journal.events(run_id=run_id), {u.unit_id: views.unit_vms(u) for u in journal.units(run_id)}))
+    if refused is not None:
+        return refused
+    events, vms = read
     if as_json:
         print(json.dumps([{"unit": e.unit_id, "vms": list(vms.get(e.unit_id, ())), "seq": e.seq, "from": e.from_state,
                            "event": e.event, "to": e.to_state, "payload": e.payload, "time": e.time} for e in events]))
@@ -411,19 +422,11 @@ def history(store: Path, run_id: str, *, as_json: bool) -> int:
 
 def describe(store: Path, run_id: str, *, as_json: bool) -> int:
     from flowcopy import views
-    from flowcopy.journal import JournalError
 
-    journal = _read_journal(store)
-    if isinstance(journal, int):
-        return journal
-    try:
-        if (refused := _check_run(journal, store, run_id)) is not None:
-            return refused
-        data = views.describe_data(journal.run(run_id), journal.units(run_id), journal.events(run_id=run_id))
-    except JournalError as exc:
-        return _err(str(exc))
-    finally:
-        journal.close()
+    data, refused = _read_run(store, run_id, lambda journal: views.describe_data(
+        journal.run(run_id), journal.units(run_id), journal.events(run_id=run_id)))
+    if refused is not None:
+        return refused
     if as_json:
         print(json.dumps(data))
     else:

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import trio
 
-from flowcopy import definitions, planning
-from flowcopy.bench import BENCH_WORKFLOW, _bench_site
+from flowcopy.bench import _bench_site, crash_when_copying
 from flowcopy.engine import Engine, Limits
-from flowcopy.journal import Journal, Move, SimulatedCrash, is_crash
+from flowcopy.journal import Journal
 
 VMS = 24
 POLL = 1.0
@@ -34,32 +33,7 @@ class Heard:
 
 async def crash_when(store: Path, site: object, copying: int) -> str:
     """Drive a new run until `copying` units journaled their copy intent, then crash."""
-    wf = definitions.load_text(BENCH_WORKFLOW, "bench.yaml")
-    journal = Journal.open(store)
-    seen = 0
-
-    def hook(move: Move) -> None:
-        nonlocal seen
-        if move.event == "copy":
-            seen += 1
-            if seen >= copying:
-                raise SimulatedCrash(f"{seen} units copying")
-
-    run_id = ""
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(journal.run_writer)
-            journal.crash_hook = hook
-            engine = Engine(journal, site, store=store, limits=Limits(units=VMS), poll=POLL)  # type: ignore[arg-type]
-            specs = await planning.plan_units(wf, site)  # type: ignore[arg-type]
-            run_id = await engine.begin_run(wf.name, planning.definition_data(wf), specs)
-            await engine.drive_run(run_id)
-    except BaseException as exc:  # noqa: BLE001 - the crash arrives in exception groups
-        if not is_crash(exc):
-            raise
-    finally:
-        journal.close()
-    return run_id
+    return await crash_when_copying(store, site, copying, units=VMS, poll=POLL)
 
 
 async def resume(store: Path, site: object, heard: Heard) -> tuple[Engine, list[object]]:
